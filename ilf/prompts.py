@@ -1,0 +1,73 @@
+"""The paper's prompt formats, as the authors' code builds them, and completion post-processing."""
+from __future__ import annotations
+
+import re
+
+# The model completes the function body; the output ends at the first later line that
+# starts at column 0 with a letter, '#' or a quote (a new top-level statement).
+_TOP_LEVEL_LINE = re.compile(r"\n(?=[A-Za-z#'\"])")
+_CALLED_NAME = re.compile(r"([A-Za-z_]\w*)\s*\(")
+
+END_OF_TEXT = "<|endoftext|>"
+REFINEMENT_OLD_CODE_TOKENS = 512
+
+
+def entry_point(tests: list[str] | tuple[str, ...], program: str) -> str:
+    """Name of the first function the tests call that the program defines."""
+    defined = set(re.findall(r"^\s*def\s+([A-Za-z_]\w*)", program, re.M))
+    for test in tests:
+        for name in _CALLED_NAME.findall(test):
+            if name in defined:
+                return name
+    raise ValueError(f"the tests call no function the program defines: {tests[:1]}")
+
+
+def code_prefix(gold_program: str, function_name: str) -> str:
+    """The gold program up to and including the target function's `def` line.
+
+    Like the authors' code, this keeps any imports or helpers written before it.
+    """
+    lines = gold_program.replace("\r\n", "\n").split("\n")
+    for i, line in enumerate(lines):
+        if re.match(rf"\s*def\s+{re.escape(function_name)}\s*\(", line):
+            header = [line]
+            j = i
+            while not header[-1].rstrip().endswith(":") and j + 1 < len(lines):
+                j += 1
+                header.append(lines[j])
+            return "\n".join(lines[:i] + [h.rstrip() for h in header])
+    raise ValueError(f"no `def {function_name}` in the gold program")
+
+
+def example_line(first_test: str) -> str:
+    """The first assert shown as an example: `assert ` removed and `==` shown as `=`."""
+    example = first_test.lstrip()
+    if example.startswith("assert "):
+        example = example[len("assert "):]
+    return example.replace("==", "=")
+
+
+def generation_prompt(text: str, tests: list[str] | tuple[str, ...], prefix: str, *, strip: bool = False) -> str:
+    """The paper's generation prompt: the task as a docstring with one example, then the code prefix.
+
+    strip=True leaves off the newline after the `def` line so the model writes the line break and
+    indentation itself (on small BPE models this matters: see PAPER.md).
+    """
+    prompt = f'"""\n{text.strip()}\n\n>>> Example: {example_line(tests[0])}\n"""\n\n{prefix}\n'
+    return prompt.rstrip() if strip else prompt
+
+
+def refinement_prompt(failing_program: str, feedback: str, gen_prompt: str) -> str:
+    """The paper's refinement prompt; the model continues with the repaired body."""
+    return f"OLD CODE:\n{failing_program}\n\nFEEDBACK:\n{feedback}\n\nREFINEMENT:\n{gen_prompt}"
+
+
+def truncate_completion(completion: str) -> str:
+    """Cut a sampled body at end-of-text and at the first new top-level line."""
+    completion = completion.split(END_OF_TEXT, 1)[0]
+    match = _TOP_LEVEL_LINE.search(completion)
+    return completion[: match.start()] if match else completion
+
+
+# Generation and refinement both stop sampling as soon as a body is over.
+STOP_SEQUENCES = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#", END_OF_TEXT]
