@@ -1,0 +1,131 @@
+"""Server and client plumbing shared by every service: health, reflection, error mapping."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ilf import config
+from ilf.errors import IlfError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def _abort(context: grpc.ServicerContext, error: Exception):
+    if isinstance(error, IlfError):
+        context.abort(getattr(grpc.StatusCode, error.code_name), str(error))
+    log.exception("unexpected error")
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns the plain functions' exceptions into gRPC statuses with their message."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary(request, context):
+                try:
+                    return inner(request, context)
+                except Exception as error:  # noqa: BLE001 - every error becomes a status
+                    if isinstance(error, grpc.RpcError) or context.code() is not None:
+                        raise
+                    _abort(context, error)
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            def stream(request, context):
+                try:
+                    yield from inner_stream(request, context)
+                except Exception as error:  # noqa: BLE001
+                    if isinstance(error, grpc.RpcError) or context.code() is not None:
+                        raise
+                    _abort(context, error)
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+class Server:
+    """A gRPC server with health checking, reflection and the error interceptor."""
+
+    def __init__(self, service_names: Iterable[str], port: int, *, host: str | None = None,
+                 max_workers: int = 32, interceptors: Iterable[grpc.ServerInterceptor] = ()):
+        self.service_names = list(service_names)
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=[*interceptors, ErrorInterceptor()], options=CHANNEL_OPTIONS)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server)
+        self.port = self.grpc_server.add_insecure_port(f"{host or config.get('ILF_BIND_HOST')}:{port}")
+        self.set_serving(False)
+
+    def add(self, add_to_server: Callable, servicer) -> None:
+        add_to_server(servicer, self.grpc_server)
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        log.info("serving %s on port %d", ", ".join(self.service_names), self.port)
+
+    def run_until_signal(self, on_stop: Callable[[], None] | None = None) -> None:
+        """Serves until SIGTERM or SIGINT, then drains in-flight calls for up to 10 s."""
+        stopped = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopped.set())
+        self.start()
+        stopped.wait()
+        self.set_serving(False)
+        if on_stop:
+            on_stop()
+        self.grpc_server.stop(grace=10).wait()
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def wait_healthy(address: str, timeout_s: float = 120.0, service: str = "") -> None:
+    """Blocks until the server at address reports SERVING, or raises TimeoutError."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    with channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not serving after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

