@@ -1,0 +1,1 @@
+"""Execution service: runs untrusted programs against MBPP-style asserts in a sandbox."""

@@ -1,0 +1,3 @@
+from services.execution.server import main
+
+main()

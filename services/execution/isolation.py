@@ -1,0 +1,210 @@
+"""Which isolation layers this host offers, and the command that starts one sandboxed worker.
+
+Every layer is probed at start-up and reported (log + GetSandboxInfo); a missing layer is said
+out loud instead of silently running with less isolation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HARNESS = Path(__file__).with_name("harness.py")
+NOBODY = 65534
+# The only environment a sandbox ever sees.
+SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+# The sandbox's own copy of the harness must not inherit the service's site-packages or env.
+PYTHON_FLAGS = ["-I", "-S", "-B", "-X", "utf8"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    active: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout_s: float
+    memory_mb: int
+    scratch_mb: int
+    max_processes: int
+    max_open_files: int
+    max_file_mb: int
+    max_output_bytes: int
+
+
+@dataclass
+class Isolation:
+    """The probed layers and how to start a worker with all the active ones."""
+    limits: Limits
+    layers: list[Layer] = field(default_factory=list)
+    bwrap: str | None = None
+    drop_to_nobody: bool = False
+    cgroup_roots: dict[str, Path] = field(default_factory=dict)
+    seccomp_available: bool = False
+
+    @classmethod
+    def probe(cls, limits: Limits, *, use_bwrap: bool = True) -> "Isolation":
+        isolation = cls(limits)
+        isolation.bwrap = shutil.which("bwrap") if use_bwrap else None
+        if isolation.bwrap and not _bwrap_works(isolation.bwrap):
+            log.warning("bwrap is installed but cannot create namespaces here")
+            isolation.bwrap = None
+        isolation.drop_to_nobody = os.geteuid() == 0 and shutil.which("setpriv") is not None
+        isolation.cgroup_roots = _writable_cgroups()
+        isolation.seccomp_available = _seccomp_filter(0) is not None
+        isolation.layers = isolation._describe()
+        return isolation
+
+    def _describe(self) -> list[Layer]:
+        sandboxed = self.bwrap is not None
+        limits = self.limits
+        unprivileged = self.drop_to_nobody or os.geteuid() != 0
+        return [
+            Layer("network_namespace", sandboxed, "own empty network namespace (bwrap)" if sandboxed
+                  else "bwrap unavailable: programs share the host network"),
+            Layer("pid_namespace", sandboxed, "own PID namespace; leftovers killed after each run"
+                  if sandboxed else "bwrap unavailable: leftovers killed by process group only"),
+            Layer("read_only_filesystem", sandboxed, "read-only /usr and interpreter, nothing else"
+                  if sandboxed else "bwrap unavailable: host filesystem visible"),
+            Layer("private_scratch", sandboxed, f"{limits.scratch_mb} MB tmpfs /tmp, wiped after each run"
+                  if sandboxed else "private temporary folder, wiped after each run (no size cap)"),
+            Layer("unprivileged_user", unprivileged, f"runs as uid {NOBODY}" if self.drop_to_nobody
+                  else f"runs as uid {os.geteuid()}"),
+            Layer("clean_environment", True, "only PATH, LANG and HOME are set"),
+            Layer("rlimits", True, f"AS {limits.memory_mb} MB, CPU timeout+1 s, NPROC {limits.max_processes}, "
+                  f"NOFILE {limits.max_open_files}, FSIZE {limits.max_file_mb} MB, core 0"),
+            Layer("seccomp", self.seccomp_available, "denies ptrace, inet/netlink sockets, mount, namespaces, "
+                  "signals to the checker" if self.seccomp_available else "pyseccomp/libseccomp unavailable"),
+            Layer("cgroup_memory", "memory" in self.cgroup_roots, str(self.cgroup_roots.get("memory", "not writable"))),
+            Layer("cgroup_pids", "pids" in self.cgroup_roots, str(self.cgroup_roots.get("pids", "not writable"))),
+        ]
+
+    def worker_command(self, cgroups: list[Path]) -> list[str]:
+        """argv that starts one fork-server: cgroup entry, then bwrap, then the drop to nobody."""
+        python = os.path.realpath(sys.executable)
+        inner = [python, *PYTHON_FLAGS, "-c", HARNESS.read_text()]
+        if self.drop_to_nobody:
+            inner = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                     "--inh-caps=-all", "--bounding-set=-all", *inner]
+        if self.bwrap:
+            inner = [self.bwrap, *self._bwrap_arguments(python), *inner]
+        if cgroups:
+            # A shell joins the cgroups first so bwrap and everything under it start inside them.
+            joins = "; ".join(f"echo $$ > {cgroup / 'cgroup.procs'}" for cgroup in cgroups)
+            inner = ["/bin/sh", "-c", f'{joins}; exec "$@"', "sh", *inner]
+        return inner
+
+    def _bwrap_arguments(self, python: str) -> list[str]:
+        namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        if os.geteuid() != 0:
+            namespaces.append("--unshare-user")
+        prefix = os.path.realpath(sys.base_prefix)
+        mounts = ["--ro-bind", "/usr", "/usr"]
+        for top in ("lib", "lib64", "bin", "sbin"):
+            path = Path("/") / top
+            if path.is_symlink():
+                mounts += ["--symlink", os.readlink(path), str(path)]
+            elif path.exists():
+                mounts += ["--ro-bind", str(path), str(path)]
+        if not prefix.startswith("/usr/"):
+            mounts += ["--ro-bind", prefix, prefix]
+        if not python.startswith(prefix + "/") and not python.startswith("/usr/"):
+            mounts += ["--ro-bind", python, python]
+        scratch = ["--perms", "1777", "--size", str(self.limits.scratch_mb << 20), "--tmpfs", "/tmp"]
+        return [*namespaces, "--die-with-parent", "--new-session", *mounts, "--proc", "/proc",
+                "--dev", "/dev", *scratch, "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
+                *[arg for key, value in SANDBOX_ENV.items() for arg in ("--setenv", key, value)]]
+
+    def child_seccomp(self, checker_pid: int) -> bytes:
+        return _seccomp_filter(checker_pid) or b""
+
+    def sandbox_config(self, checker_pid: int, scratch: str) -> dict:
+        limits = self.limits
+        return {
+            "scratch": scratch,
+            "wipe": [scratch],
+            "own_pid_namespace": self.bwrap is not None,
+            "seccomp_bpf": self.child_seccomp(checker_pid).hex(),
+            "max_processes": limits.max_processes,
+            "max_open_files": limits.max_open_files,
+            "max_file_bytes": limits.max_file_mb << 20,
+            "max_output_bytes": limits.max_output_bytes,
+            "max_result_bytes": 8 << 20,
+            "max_result_items": 1_000_000,
+        }
+
+
+def _bwrap_works(bwrap: str) -> bool:
+    namespaces = ["--unshare-all"] if os.geteuid() != 0 else ["--unshare-net", "--unshare-pid"]
+    try:
+        probe = subprocess.run([bwrap, *namespaces, "--ro-bind", "/", "/", "--dev", "/dev", "true"],
+                               env=SANDBOX_ENV, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def _own_cgroup(controller: str) -> str | None:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    return None
+
+
+def _writable_cgroups() -> dict[str, Path]:
+    """cgroup v1 controllers under which this process may create child groups."""
+    roots = {}
+    for controller in ("memory", "pids"):
+        own = _own_cgroup(controller)
+        if own is None:
+            continue
+        root = Path("/sys/fs/cgroup") / controller / own.lstrip("/")
+        probe = root / f"ilf-execution-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError:
+            continue
+        roots[controller] = root
+    return roots
+
+
+def _seccomp_filter(checker_pid: int) -> bytes | None:
+    """BPF for the untrusted child: everything allowed except the escape and tamper routes."""
+    try:
+        import pyseccomp as seccomp
+    except ImportError:
+        return None
+    try:
+        deny = seccomp.ERRNO(1)  # EPERM
+        rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        for name in ("ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
+                     "unshare", "setns", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
+                     "userfaultfd", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "io_uring_setup",
+                     "kexec_load", "init_module", "finit_module", "chroot", "syslog", "acct",
+                     "swapon", "swapoff", "reboot", "quotactl", "name_to_handle_at", "open_by_handle_at"):
+            rules.add_rule(deny, name)
+        for family in (2, 10, 16, 17):  # AF_INET, AF_INET6, AF_NETLINK, AF_PACKET
+            rules.add_rule(deny, "socket", seccomp.Arg(0, seccomp.EQ, family))
+        # The checker (our parent in the sandbox) and "every process" are off limits.
+        for target in {checker_pid, 1, 2**32 - 1, 2**64 - 1}:
+            rules.add_rule(deny, "kill", seccomp.Arg(0, seccomp.EQ, target))
+        rules.add_rule(deny, "tgkill", seccomp.Arg(0, seccomp.EQ, checker_pid))
+        with tempfile.TemporaryFile() as buffer:  # libseccomp writes to a file descriptor
+            rules.export_bpf(buffer)
+            buffer.seek(0)
+            return buffer.read()
+    except Exception:  # noqa: BLE001 - libseccomp missing or too old: reported as inactive
+        log.exception("cannot build the seccomp filter")
+        return None

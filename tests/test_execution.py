@@ -1,0 +1,155 @@
+"""Execution service: verdict logic, input validation and the gRPC surface."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from ilf.errors import InvalidArgument
+from ilf.grpc_util import channel
+from ilf.v1 import execution_pb2, execution_pb2_grpc
+from services.execution.checks import approx_equal, names_bound_by, plan_test
+from services.execution.executor import Executor, Program, Verdict
+from services.execution.server import build_server
+
+DOUBLE = "def double(x):\n    return x * 2\n"
+
+
+@pytest.fixture(scope="module")
+def executor():
+    """A real executor with its sandboxed workers; other test_execution* modules import this."""
+    running = Executor()
+    yield running
+    running.close()
+
+
+def verdicts(outcome):
+    return [t.verdict for t in outcome.tests]
+
+
+def test_per_test_verdicts_with_types_messages_and_durations(executor):
+    outcome = executor.execute(Program(
+        DOUBLE + "print('hello')\n",
+        ["assert double(2) == 4", "assert double(3) == 7", "assert double(None) == 0", "assert triple(1) == 3"]))
+    assert verdicts(outcome) == [Verdict.PASSED, Verdict.FAILED, Verdict.ERROR, Verdict.ERROR]
+    assert not outcome.passed
+    assert outcome.tests[2].error_type == "TypeError" and "NoneType" in outcome.tests[2].error_message
+    assert outcome.tests[3].error_type == "NameError"
+    assert all(t.duration_s >= 0 for t in outcome.tests) and outcome.duration_s > 0
+    assert outcome.stdout == "hello\n"
+
+
+def test_all_passed_and_run_order_code_then_setup_then_asserts(executor):
+    outcome = executor.execute(Program(
+        "class Box:\n    def __init__(self, v):\n        self.v = v\ndef unbox(b):\n    return b.v\n",
+        ["assert unbox(box) == 5", "assert unbox(Box(1)) + 1 == 2"], test_setup_code="box = Box(5)"))
+    assert outcome.passed, outcome
+
+
+def test_load_failure_marks_every_test_error(executor):
+    outcome = executor.execute(Program("def broken(:\n    pass\n", ["assert broken() == 1", "assert 1 == 1"]))
+    assert verdicts(outcome) == [Verdict.ERROR, Verdict.ERROR]
+    assert outcome.error_type == "SyntaxError" and outcome.error_message
+
+
+def test_timeout_keeps_earlier_verdicts(executor):
+    outcome = executor.execute(Program(
+        "import time\ndef slow(x):\n    if x:\n        time.sleep(60)\n    return x\n",
+        ["assert slow(0) == 0", "assert slow(1) == 1", "assert slow(0) == 0"], timeout_s=1))
+    assert verdicts(outcome) == [Verdict.PASSED, Verdict.TIMEOUT, Verdict.TIMEOUT]
+    assert 1 <= outcome.duration_s < 3
+
+
+def test_memory_limit(executor):
+    outcome = executor.execute(Program("def big():\n    return len(bytearray(300 << 20))\n",
+                                       ["assert big() == 300 << 20"], memory_mb=128))
+    assert outcome.tests[0].error_type == "MemoryError"
+
+
+def test_floats_compare_approximately():
+    assert approx_equal(0.1 + 0.2, 0.3)
+    assert approx_equal([1.0, (2.0000000001, "a")], [1, (2.0, "a")])
+    assert not approx_equal(1.001, 1.0)
+    assert not approx_equal([1, 2], (1, 2))
+    assert approx_equal({"a": 0.30000000000000004}, {"a": 0.3})
+
+
+def test_plan_keeps_expected_values_out_of_the_sandbox():
+    plan = plan_test("assert sorted(f(x, [1, 2])) == sorted([3, 4])", names_bound_by("def f(a, b): pass"))
+    assert plan.holes == ("f(x, [1, 2])",)
+    assert plan.verdict([[4, 3]]) and not plan.verdict([[4, 4]])
+    shadowed = plan_test("assert set(f(1)) == {1}", names_bound_by("def set(x): return x"))
+    assert shadowed.holes == ("set(f(1))",)
+
+
+@pytest.mark.parametrize("program, tests, limit", [
+    ("", ["assert 1 == 1"], "empty"),
+    ("   \n", ["assert 1 == 1"], "empty"),
+    (b"\xff\xfe", ["assert 1 == 1"], "UTF-8"),
+    ("x = 1\n" * 100_000, ["assert 1 == 1"], "ILF_EXECUTION_MAX_PROGRAM_BYTES"),
+    ("x = 1", [], "at least one test"),
+    ("x = 1", ["assert x == 1"] * 101, "ILF_EXECUTION_MAX_TESTS"),
+    ("x = 1", ["x == 1"], "assert statement"),
+    ("x = 1", ["assert x =="], "not valid Python"),
+])
+def test_bad_input_names_the_limit(executor, program, tests, limit):
+    with pytest.raises(InvalidArgument, match=limit):
+        executor.execute(Program(program, tests))
+
+
+@pytest.mark.parametrize("timeout_s, memory_mb, limit", [
+    (-1, 0, "ILF_EXECUTION_MAX_TIMEOUT_S"), (1e9, 0, "ILF_EXECUTION_MAX_TIMEOUT_S"),
+    (float("nan"), 0, "timeout_s"), (0, 10, "memory_mb"), (0, 1 << 30, "ILF_EXECUTION_MAX_MEMORY_MB"),
+])
+def test_bad_limits(executor, timeout_s, memory_mb, limit):
+    with pytest.raises(InvalidArgument, match=limit):
+        executor.execute(Program("x = 1", ["assert x == 1"], timeout_s=timeout_s, memory_mb=memory_mb))
+
+
+@pytest.fixture(scope="module")
+def grpc_channel(executor):
+    server = build_server(0, executor)
+    server.start()
+    with channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+    server.grpc_server.stop(None).wait()  # the shared executor outlives this server
+
+
+@pytest.fixture(scope="module")
+def stub(grpc_channel):
+    return execution_pb2_grpc.ExecutionStub(grpc_channel)
+
+
+def test_grpc_execute(stub):
+    reply = stub.Execute(execution_pb2.ExecuteRequest(
+        program=DOUBLE, tests=["assert double(2) == 4", "assert double(2) == 5"], request_id="r1"))
+    assert reply.request_id == "r1" and not reply.passed
+    assert [t.verdict for t in reply.tests] == [execution_pb2.VERDICT_PASSED, execution_pb2.VERDICT_FAILED]
+
+
+def test_grpc_batch_streams_every_result(stub):
+    requests = [execution_pb2.ExecuteRequest(program=DOUBLE, tests=[f"assert double({i}) == {2 * i}"],
+                                             request_id=str(i)) for i in range(20)]
+    replies = list(stub.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests)))
+    assert sorted(int(r.request_id) for r in replies) == list(range(20))
+    assert all(r.passed for r in replies)
+
+
+def test_grpc_invalid_argument(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Execute(execution_pb2.ExecuteRequest(program="", tests=["assert 1 == 1"]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in error.value.details()
+
+
+def test_grpc_non_utf8_bytes_are_invalid_argument(grpc_channel):
+    # Field 1 (program) holding bytes that are not UTF-8, as a foreign client could send them.
+    raw = b"\x0a\x02\xff\xfe" + execution_pb2.ExecuteRequest(tests=["assert 1 == 1"]).SerializeToString()
+    with pytest.raises(grpc.RpcError) as error:
+        grpc_channel.unary_unary("/ilf.v1.Execution/Execute")(raw, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in error.value.details()
+
+
+def test_grpc_sandbox_info(stub):
+    info = stub.GetSandboxInfo(execution_pb2.GetSandboxInfoRequest())
+    names = {layer.name for layer in info.layers}
+    assert {"network_namespace", "seccomp", "rlimits", "cgroup_memory"} <= names
+    assert info.workers >= 1
