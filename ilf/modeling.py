@@ -6,9 +6,11 @@ loaded on their base and merged for speed; full versions are complete folders in
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +63,12 @@ def convert_embedded(name: str) -> Path:
     """Dequantises the embedded GGUF once into a cached safetensors folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     target = Path(config.get("ILF_MODEL_CACHE")) / "embedded" / name
-    with _convert_lock:
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Services start side by side: a file lock makes one process convert while the others wait.
+    with _convert_lock, open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists():
             return target
         gguf = embedded_gguf(name)
@@ -73,6 +80,7 @@ def convert_embedded(name: str) -> Path:
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         os.replace(partial, target)

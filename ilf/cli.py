@@ -1,0 +1,163 @@
+"""The `ilf` command: serve a service, start them all, run an ILF round, manage model versions."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ilf import config
+
+SERVICE_NAMES = ("generation", "refinement", "execution", "training")
+
+
+def _round_settings(args):
+    from ilf.round import RoundSettings
+    fields = {f.name for f in dataclasses.fields(RoundSettings)}
+    return RoundSettings(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _add_round_flags(parser: argparse.ArgumentParser) -> None:
+    from ilf.round import TRAIN_SOURCES, RoundSettings
+    d = RoundSettings()
+    parser.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="MBPP_Test tasks to evaluate (0: all 100)")
+    parser.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples per task (paper: 30)")
+    parser.add_argument("--eval-temperature", type=float, default=d.eval_temperature, help="paper: 0.8")
+    parser.add_argument("--train-tasks", type=int, default=d.train_tasks,
+                        help="annotated MBPP_Train tasks to refine (0: all 128)")
+    parser.add_argument("--refine-samples", type=int, default=d.refine_samples)
+    parser.add_argument("--refine-temperature", type=float, default=d.refine_temperature)
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--train-on", choices=TRAIN_SOURCES, default=d.train_on)
+    parser.add_argument("--method", choices=("lora", "full"), default=d.method)
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--promote-margin", type=float, default=None,
+                        help="switch only if pass@1 drops by at most this much (default: always switch)")
+    parser.add_argument("--no-switch", dest="switch", action="store_false", help="evaluate but keep serving as is")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's settings: all 100 test tasks, 30 samples at T=0.8, all 128 train tasks")
+
+
+def _apply_paper(args) -> None:
+    if args.paper:
+        args.eval_tasks, args.eval_samples, args.eval_temperature, args.train_tasks = 0, 30, 0.8, 0
+        args.refine_samples = 30
+
+
+def cmd_serve(args) -> None:
+    importlib.import_module(f"services.{args.service}.server").main()
+
+
+def cmd_round(args) -> int:
+    from ilf.clients import Clients
+    from ilf.round import run_round
+    from ilf.store import open_store
+    _apply_paper(args)
+    report = run_round(_round_settings(args), Clients.connect(), open_store())
+    print(report["markdown"])
+    print(f"artifacts: {open_store().url}{report['artifacts']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Starts the four services as local processes, runs one round, stops them."""
+    from ilf.clients import Clients
+    from ilf.local import LocalServices
+    from ilf.round import run_round
+    from ilf.store import open_store
+    _apply_paper(args)
+    started = time.monotonic()
+    log_dir = Path(config.get("ILF_HOME")) / "logs"
+    print(f"starting the four services (logs in {log_dir}); the first start converts SmolLM2 once", flush=True)
+    with LocalServices(log_dir) as services:
+        print(f"services up after {time.monotonic() - started:.0f} s: {services.addresses}", flush=True)
+        report = run_round(_round_settings(args), Clients.connect(**services.addresses), open_store())
+    print(report["markdown"])
+    print(f"artifacts: {open_store().url}/{report['artifacts']}")
+    print(f"demo wall time: {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from ilf.local import LocalServices
+    with LocalServices(Path(config.get("ILF_HOME")) / "logs") as services:
+        print(json.dumps(services.addresses), flush=True)
+        try:
+            while all(p.poll() is None for p in services.processes.values()):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_models(args) -> int:
+    from ilf.registry import Registry
+    from ilf.store import open_store
+    registry = Registry(open_store())
+    if args.action == "list":
+        serving = {ch: registry.serving_version(ch) for ch in ("generation", "refinement")}
+        for version in registry.list():
+            marks = [ch for ch, v in serving.items() if v == version.version]
+            print(f"{version.version:48s} {version.kind:5s} base={version.base_version or version.source:40s} "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(version.created_at))}"
+                  + (f"  serving: {', '.join(marks)}" if marks else ""))
+    elif args.action == "show":
+        print(json.dumps(dataclasses.asdict(registry.get(args.version)), indent=2))
+    elif args.action == "history":
+        for event in registry.events(args.channel):
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(event['updated_at']))} {event['version']} "
+                  f"by {event['by']} {event.get('reason', '')}")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    """Hot-swaps the generation service to a version (or back to the previous one)."""
+    from ilf.clients import Clients
+    from ilf.v1 import generation_pb2
+    clients = Clients.connect()
+    if args.version:
+        status = clients.generation.SwitchModel(generation_pb2.SwitchModelRequest(model_version=args.version))
+    else:
+        status = clients.generation.Rollback(generation_pb2.RollbackRequest())
+    print(f"serving {status.serving_version}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="ilf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one service in this process")
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.set_defaults(func=cmd_serve)
+    for name, func, help_text in (("round", cmd_round, "run one ILF round against running services"),
+                                  ("demo", cmd_demo, "start the services locally and run one round")):
+        p = sub.add_parser(name, help=help_text)
+        _add_round_flags(p)
+        p.set_defaults(func=func)
+    sub.add_parser("up", help="start the four services locally until Ctrl-C").set_defaults(func=cmd_up)
+    models = sub.add_parser("models", help="the model registry")
+    models.add_argument("action", choices=("list", "show", "history"))
+    models.add_argument("version", nargs="?")
+    models.add_argument("--channel", default="generation")
+    models.set_defaults(func=cmd_models)
+    promote = sub.add_parser("promote", help="switch the generation service to a model version")
+    promote.add_argument("version")
+    promote.set_defaults(func=cmd_promote)
+    rollback = sub.add_parser("rollback", help="switch the generation service back to its previous version")
+    rollback.set_defaults(func=cmd_promote, version="")
+    sub.add_parser("config", help="print the configuration reference").set_defaults(
+        func=lambda _: print(config.markdown_table()) or 0)
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

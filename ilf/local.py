@@ -1,0 +1,71 @@
+"""Starts the four services as separate local processes (the embedded deployment)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ilf import config
+from ilf.grpc_util import wait_healthy
+
+SERVICES = ("execution", "generation", "refinement", "training")
+
+
+class LocalServices:
+    """Context manager: each service in its own process, logs under log_dir, stopped on exit."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None, ports: dict[str, int] | None = None,
+                 startup_timeout_s: float = 600.0):
+        self.log_dir = Path(log_dir)
+        self.env = {**os.environ, **(env or {})}
+        self.ports = ports or {name: int(config.get(f"ILF_{name.upper()}_PORT")) for name in SERVICES}
+        self.startup_timeout_s = startup_timeout_s
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
+
+    def __enter__(self) -> "LocalServices":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(self.env)
+        for name, port in self.ports.items():
+            env[f"ILF_{name.upper()}_PORT"] = str(port)
+            env[f"ILF_{name.upper()}_ADDR"] = self.addresses[name]
+        try:
+            for name in SERVICES:
+                log = open(self.log_dir / f"{name}.log", "ab")
+                self.processes[name] = subprocess.Popen(
+                    [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=Path(__file__).resolve().parents[1])
+            deadline = time.monotonic() + self.startup_timeout_s
+            for name in SERVICES:
+                self._wait(name, deadline)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait(self, name: str, deadline: float) -> None:
+        while True:
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"the {name} service exited with code {self.processes[name].returncode}; "
+                                   f"see {self.log_dir / (name + '.log')}")
+            try:
+                wait_healthy(self.addresses[name], timeout_s=2)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {name} service did not become healthy; see {self.log_dir}") from None
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

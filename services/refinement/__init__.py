@@ -1,0 +1,1 @@
+"""Refinement service: pi_Refine writes repaired programs from (task, failing program, feedback)."""

@@ -1,0 +1,3 @@
+from services.refinement.server import main
+
+main()

@@ -1,0 +1,111 @@
+"""Plain-Python core of the refinement service."""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from ilf import config, data, modeling, prompts
+from ilf.errors import InvalidArgument, NotFound, Unavailable
+from ilf.registry import Registry
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "refinement"
+MAX_SAMPLES = 64
+MAX_NEW_TOKENS = 1024
+MAX_FEEDBACK_CHARS = 8000
+MAX_PROGRAM_CHARS = 64000
+
+
+@dataclass
+class TaskSpec:
+    task_id: int = 0
+    text: str = ""
+    tests: tuple[str, ...] = ()
+    code_prefix: str = ""
+
+
+@dataclass
+class RefinedProgram:
+    program: str
+    sample: modeling.Sample
+
+
+def task_prompt(task: TaskSpec) -> str:
+    """The generation prompt of the task: from MBPP when only the id is given, else from its fields."""
+    strip = config.get("ILF_PROMPT_STRIP").lower() == "true"
+    if task.text or task.tests or task.code_prefix:
+        if not (task.text and task.tests and task.code_prefix):
+            raise InvalidArgument("a task given by value needs text, at least one test and a code_prefix")
+        return prompts.generation_prompt(task.text, task.tests, task.code_prefix, strip=strip)
+    if task.task_id <= 0:
+        raise InvalidArgument("the request names no task: give task.task_id or the task's text, tests and code_prefix")
+    try:
+        return prompts.mbpp_prompt(data.task(task.task_id), strip=strip)
+    except KeyError:
+        raise NotFound(f"MBPP has no task {task.task_id}") from None
+
+
+class Refiner:
+    """Holds the pi_Refine model version and samples refinements from it."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._lock = threading.Lock()
+        self.loaded: modeling.LoadedModel | None = None
+
+    def start_version(self) -> str:
+        return (config.get("ILF_REFINEMENT_MODEL") or self.registry.serving_version(CHANNEL)
+                or self.registry.ensure_base(config.get("ILF_BASE_MODEL")).version)
+
+    def switch(self, version: str) -> str:
+        """Loads the version, then serves it; a failed load leaves the current one serving."""
+        self.registry.get(version)
+        loaded = modeling.load_version(self.registry, version)
+        with self._lock:
+            self.loaded = loaded
+        if self.registry.serving_version(CHANNEL) != version:
+            self.registry.promote(CHANNEL, version)
+        log.info("refinement model is now %s", version)
+        return version
+
+    def refine(self, task: TaskSpec, failing_program: str, feedback: str, *, n: int = 1, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256, repetition_penalty: float = 1.0,
+               seed: int | None = None) -> tuple[list[RefinedProgram], str, str]:
+        """Returns (refined programs, the refinement prompt, the model version)."""
+        _check_request(failing_program, feedback, n, max_new_tokens, temperature)
+        loaded = self.loaded
+        if loaded is None:
+            raise Unavailable("the refinement model is still loading")
+        gen_prompt = task_prompt(task)
+        old_code = _truncate_tokens(loaded.tokenizer, failing_program, prompts.REFINEMENT_OLD_CODE_TOKENS)
+        prompt = prompts.refinement_prompt(old_code, feedback.strip(), gen_prompt)
+        samples = modeling.sample(loaded, prompt, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  max_new_tokens=max_new_tokens, stop=prompts.STOP_SEQUENCES,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        refined = [RefinedProgram(gen_prompt + prompts.truncate_completion(s.text), s) for s in samples]
+        return refined, prompt, loaded.version
+
+
+def _check_request(failing_program: str, feedback: str, n: int, max_new_tokens: int, temperature: float) -> None:
+    if not failing_program.strip():
+        raise InvalidArgument("failing_program is empty")
+    if len(failing_program) > MAX_PROGRAM_CHARS:
+        raise InvalidArgument(f"failing_program is longer than {MAX_PROGRAM_CHARS} characters")
+    if not feedback.strip():
+        raise InvalidArgument("feedback is empty")
+    if len(feedback) > MAX_FEEDBACK_CHARS:
+        raise InvalidArgument(f"feedback is longer than {MAX_FEEDBACK_CHARS} characters")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise InvalidArgument(f"n must be between 1 and {MAX_SAMPLES}, got {n}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise InvalidArgument(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
+    if not 0 <= temperature <= 5:
+        raise InvalidArgument(f"temperature must be between 0 and 5, got {temperature}")
+
+
+def _truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """Keeps the first max_tokens tokens so the whole prompt fits the paper's 1024 tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
