@@ -180,18 +180,19 @@ def kill_everything(child, own_pid_namespace):
 
 
 def wipe(folder):
-    def make_writable_and_retry(function, path, _):
-        os.chmod(os.path.dirname(path), 0o700)
-        os.chmod(path, 0o700)
-        function(path)
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
+    """Empties a folder the program could write to; never follows its symlinks."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-                shutil.rmtree(path, onerror=make_writable_and_retry)
+            if entry.is_dir(follow_symlinks=False):
+                os.chmod(entry.path, 0o700)
+                wipe(entry.path)
+                os.rmdir(entry.path)
             else:
-                os.unlink(path)
+                os.unlink(entry.path)
         except OSError:
             pass
 
@@ -205,6 +206,7 @@ def run_job(job, config):
     if child == 0:
         try:
             os.setpgid(0, 0)
+            set_dumpable(True)  # the program's own /proc entries stay readable to it
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(out_write, 1)
@@ -268,7 +270,14 @@ def run_job(job, config):
     }
 
 
+def set_dumpable(dumpable):
+    """A non-dumpable checker cannot be ptraced or have its /proc/<pid>/mem opened by programs."""
+    pr_set_dumpable = 4
+    ctypes.CDLL(None).prctl(pr_set_dumpable, int(dumpable), 0, 0, 0)
+
+
 def serve():
+    set_dumpable(False)
     jobs = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb")
     # Nothing but frames may reach the service's pipe, not even a stray print.
