@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13ilf/v1/common.proto\x12\x06ilf.v1\"\xac\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"x\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.ilf.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"b\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05tests\x18\x03 \x03(\t\x12\x17\n\x0ftest_setup_code\x18\x04 \x01(\t\x12\x13\n\x0b\x63ode_prefix\x18\x05 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13ilf/v1/common.proto\x12\x06ilf.v1\"\xac\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x94\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x14.ilf.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"b\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05tests\x18\x03 \x03(\t\x12\x17\n\x0ftest_setup_code\x18\x04 \x01(\t\x12\x13\n\x0b\x63ode_prefix\x18\x05 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ilf.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=428
-  _globals['_FINISHREASON']._serialized_end=546
+  _globals['_FINISHREASON']._serialized_start=457
+  _globals['_FINISHREASON']._serialized_end=575
   _globals['_SAMPLINGPARAMS']._serialized_start=32
   _globals['_SAMPLINGPARAMS']._serialized_end=204
-  _globals['_COMPLETION']._serialized_start=206
-  _globals['_COMPLETION']._serialized_end=326
-  _globals['_TASK']._serialized_start=328
-  _globals['_TASK']._serialized_end=426
+  _globals['_COMPLETION']._serialized_start=207
+  _globals['_COMPLETION']._serialized_end=355
+  _globals['_TASK']._serialized_start=357
+  _globals['_TASK']._serialized_end=455
 # @@protoc_insertion_point(module_scope)

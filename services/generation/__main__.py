@@ -1,0 +1,3 @@
+from services.generation.server import main
+
+main()

@@ -1,0 +1,175 @@
+"""Backends behind one interface: the in-process transformers engine, or a remote TGI server."""
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+
+from ilf import config
+from text_generation import Client
+from text_generation.errors import OverloadedError, ValidationError
+
+from ilf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from ilf.modeling import Sample, configure_torch
+from ilf.registry import Registry
+
+from .engine import Engine
+from .models import ModelManager, initial_version
+from .request import GenerationHandle, Settings, TokenEvent, cut_at_stop, validate
+
+log = logging.getLogger(__name__)
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def start(self) -> None:
+        """Gets ready to serve (may take minutes: loads the first model); raises if it cannot."""
+
+    @abstractmethod
+    def submit(self, prompt: str, settings: Settings, model_version: str = "") -> GenerationHandle: ...
+
+    @abstractmethod
+    def load(self, version: str) -> dict: ...
+
+    @abstractmethod
+    def switch(self, version: str) -> dict: ...
+
+    @abstractmethod
+    def rollback(self) -> dict: ...
+
+    @abstractmethod
+    def status(self) -> dict:
+        """ModelStatus fields."""
+
+    def close(self) -> None:
+        pass
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self, registry: Registry, *, engine: Engine | None = None, manager: ModelManager | None = None):
+        self.registry = registry
+        self.models = manager or ModelManager(registry, max_loaded=int(config.get("ILF_GENERATION_MAX_LOADED")))
+        self.engine = engine or Engine(max_rows=int(config.get("ILF_GENERATION_MAX_BATCH_ROWS")),
+                                       max_queue=int(config.get("ILF_GENERATION_MAX_QUEUE")))
+
+    def start(self) -> None:
+        configure_torch()
+        version = initial_version(self.registry)
+        # An empty pointer gets the start-up version, so the first switch can be rolled back.
+        self.models.serve(version, promote=self.registry.serving_version("generation") is None)
+
+    def submit(self, prompt, settings, model_version=""):
+        validate(prompt, settings)
+        return self.engine.submit(self.models.resolve(model_version), prompt, settings)
+
+    def load(self, version):
+        self.models.load(version)
+        return self.status()
+
+    def switch(self, version):
+        self.models.serve(version, promote=True)
+        return self.status()
+
+    def rollback(self):
+        self.models.rollback()
+        return self.status()
+
+    def status(self):
+        return {**self.models.status(), "backend": self.name}
+
+    def close(self):
+        self.engine.stop()
+
+
+_TGI_FINISH = {"length": "length", "eos_token": "eos", "stop_sequence": "stop"}
+
+
+class TgiBackend(Backend):
+    """Generates through a remote TGI server (or another generation service's TGI endpoint).
+
+    The remote server owns its model: versions cannot be loaded or switched from here. Sample i
+    of a seeded request uses seed + i, as the in-process engine does, so results agree.
+    """
+    name = "tgi"
+
+    def __init__(self, url: str, *, timeout_s: float = 600.0):
+        if not url:
+            raise InvalidArgument("the tgi backend needs ILF_GENERATION_TGI_URL")
+        self.url = url.rstrip("/")
+        self.client = Client(self.url, timeout=timeout_s)
+        self.version = ""
+
+    def start(self) -> None:
+        import requests
+        info = requests.get(f"{self.url}/info", timeout=30)
+        info.raise_for_status()
+        self.version = info.json().get("model_id", "") or self.url
+
+    def submit(self, prompt, settings, model_version=""):
+        validate(prompt, settings)
+        if not self.version:
+            raise Unavailable(f"the TGI server at {self.url} has not answered yet")
+        if model_version and model_version != self.version:
+            raise FailedPrecondition(f"the TGI backend serves only {self.version!r}, not {model_version!r}")
+        handle = GenerationHandle(n=settings.n, model_version=self.version,
+                                  seeds=[settings.sample_seed(i) for i in range(settings.n)])
+        for index in range(settings.n):
+            threading.Thread(target=self._stream_sample, args=(handle, prompt, settings, index),
+                             name=f"tgi-sample-{index}", daemon=True).start()
+        return handle
+
+    def _stream_sample(self, handle: GenerationHandle, prompt: str, settings: Settings, index: int) -> None:
+        sampling = settings.temperature > 0
+        stream = self.client.generate_stream(
+            prompt, do_sample=sampling, max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature if sampling else None,
+            top_p=settings.top_p if settings.top_p < 1.0 else None, top_k=settings.top_k or None,
+            repetition_penalty=settings.repetition_penalty if settings.repetition_penalty != 1.0 else None,
+            stop_sequences=list(settings.stop), seed=handle.seeds[index])
+        generated = 0
+        try:
+            for response in stream:
+                if handle.cancelled:
+                    break
+                generated += 1
+                completion = None
+                if response.details is not None:
+                    text, _ = cut_at_stop(response.generated_text or "", settings.stop)
+                    completion = Sample(text=text, finish_reason=_TGI_FINISH.get(response.details.finish_reason.value,
+                                                                                 "length"),
+                                        generated_tokens=response.details.generated_tokens, prompt_tokens=0)
+                token = response.token
+                handle.push(TokenEvent(index, token.id, "" if token.special else token.text, token.logprob or 0.0,
+                                       token.special, completion))
+        except ValidationError as error:
+            handle.push(InvalidArgument(f"TGI server rejected the request: {error}"))
+        except OverloadedError as error:
+            handle.push(ResourceExhausted(f"TGI server is overloaded: {error}"))
+        except Exception as error:  # noqa: BLE001 - the consumer gets every failure
+            handle.push(Unavailable(f"TGI server at {self.url} failed: {type(error).__name__}: {error}"))
+        finally:
+            stream.close()
+
+    def _fixed(self, *_):
+        raise FailedPrecondition(f"the tgi backend serves the remote server's model ({self.version}); "
+                                 "load and switch versions on that server")
+
+    load = switch = rollback = _fixed
+
+    def status(self):
+        return {"serving_version": self.version, "loaded_versions": [self.version] if self.version else [],
+                "history": [], "last_swap_seconds": 0.0, "last_load_error": "", "loading_versions": [],
+                "backend": self.name}
+
+
+def make_backend(registry: Registry) -> Backend:
+    kind = config.get("ILF_GENERATION_BACKEND")
+    if kind == "transformers":
+        return TransformersBackend(registry)
+    if kind == "tgi":
+        return TgiBackend(config.get("ILF_GENERATION_TGI_URL"))
+    raise InvalidArgument(f"ILF_GENERATION_BACKEND must be transformers or tgi, got {kind!r}")
