@@ -13,8 +13,8 @@ KNOWN_FAILURES = {341, 596, 642}
 
 def test_all_gold_programs(executor):
     tasks = data.mbpp()
-    # Task 123's gold program needs about 6 s; 10 s keeps it inside the limit.
-    programs = [Program(t.code, t.tests, t.test_setup_code, timeout_s=10, request_id=str(task_id))
+    # Task 123 needs about 6 s of CPU; 30 s leaves room for a machine busy with other work.
+    programs = [Program(t.code, t.tests, t.test_setup_code, timeout_s=30, request_id=str(task_id))
                 for task_id, t in tasks.items()]
     started = time.monotonic()
     failing = {int(o.request_id): o for o in executor.execute_batch(programs) if not o.passed}

