@@ -23,7 +23,7 @@ RUN_STATE_FAILED: RunState
 RUN_STATE_CANCELLED: RunState
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("method", "learning_rate", "batch_size", "epochs", "max_seq_len", "lora_rank", "lora_alpha", "lora_dropout", "seed")
+    __slots__ = ("method", "learning_rate", "batch_size", "epochs", "max_seq_len", "lora_rank", "lora_alpha", "lora_dropout", "seed", "merge_weights")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class Hyperparameters(_message.Message):
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MERGE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     method: str
     learning_rate: float
     batch_size: int
@@ -42,7 +43,8 @@ class Hyperparameters(_message.Message):
     lora_alpha: float
     lora_dropout: float
     seed: int
-    def __init__(self, method: _Optional[str] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    merge_weights: bool
+    def __init__(self, method: _Optional[str] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., seed: _Optional[int] = ..., merge_weights: _Optional[bool] = ...) -> None: ...
 
 class SubmitRunRequest(_message.Message):
     __slots__ = ("dataset", "base_model_version", "hyperparameters", "purpose")
@@ -57,23 +59,25 @@ class SubmitRunRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., base_model_version: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total_steps", "epoch", "loss", "tokens_per_second", "eta_seconds")
+    __slots__ = ("step", "total_steps", "epoch", "loss", "tokens_per_second", "eta_seconds", "phase")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     epoch: float
     loss: float
     tokens_per_second: float
     eta_seconds: float
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+    phase: str
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "state", "dataset", "base_model_version", "hyperparameters", "progress", "output_model_version", "error", "created_at", "updated_at", "log_tail", "purpose")
+    __slots__ = ("run_id", "state", "dataset", "base_model_version", "hyperparameters", "progress", "output_model_version", "error", "created_at", "updated_at", "log_tail", "purpose", "artifacts", "launcher")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +90,8 @@ class Run(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     LOG_TAIL_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    LAUNCHER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     dataset: str
@@ -98,7 +104,9 @@ class Run(_message.Message):
     updated_at: float
     log_tail: _containers.RepeatedScalarFieldContainer[str]
     purpose: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., dataset: _Optional[str] = ..., base_model_version: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., output_model_version: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., log_tail: _Optional[_Iterable[str]] = ..., purpose: _Optional[str] = ...) -> None: ...
+    artifacts: str
+    launcher: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., dataset: _Optional[str] = ..., base_model_version: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., output_model_version: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., log_tail: _Optional[_Iterable[str]] = ..., purpose: _Optional[str] = ..., artifacts: _Optional[str] = ..., launcher: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)

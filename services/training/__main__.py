@@ -1,0 +1,3 @@
+from services.training.server import main
+
+main()

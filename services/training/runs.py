@@ -1,0 +1,224 @@
+"""Training runs as plain Python: validation, paper defaults, launching, monitoring, restarts.
+
+A run lives in the store: runs/<id>/spec.json (immutable: what to train) and runs/<id>/state.json
+(overwritten as it moves QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED), next to what the
+trainer writes there (progress.json, checkpoint.pt, metrics.json, loss_curve.png). A restarted
+service reads the states back and keeps watching the runs that had not ended.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from typing import Iterator
+
+from ilf.errors import FailedPrecondition, InvalidArgument, NotFound
+from ilf.registry import Registry, new_version_id
+from ilf.store import ArtifactStore
+from services.training.launchers import JobStatus, Launcher
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+PURPOSES = ("generation", "refinement")
+
+# The authors' fine-tuning defaults (PAPER.md), except the learning rate of LoRA: its update
+# starts at zero and is scaled by alpha/rank, so at the paper's full fine-tuning lr of 5e-6 an
+# adapter barely moves in two epochs of a few dozen steps; 2e-4 is the usual LoRA rate.
+DEFAULTS = {"method": "lora", "batch_size": 32, "epochs": 2, "max_seq_len": 1024, "lora_rank": 16,
+            "lora_alpha": 32.0, "lora_dropout": 0.05, "seed": 0, "merge_weights": False}
+DEFAULT_LEARNING_RATE = {"lora": 2e-4, "full": 5e-6}
+LIMITS = {"learning_rate": (1e-9, 1.0), "batch_size": (1, 4096), "epochs": (1, 100), "max_seq_len": (8, 32768),
+          "lora_rank": (1, 1024), "lora_alpha": (1e-3, 1e5)}
+
+
+def with_defaults(requested: dict) -> dict:
+    """The hyperparameters with unset (zero) fields filled and every value checked."""
+    hp = {**DEFAULTS, **{k: v for k, v in requested.items() if v}}
+    if hp["method"] not in DEFAULT_LEARNING_RATE:
+        raise InvalidArgument(f"method must be lora or full, got {hp['method']!r}")
+    hp.setdefault("learning_rate", DEFAULT_LEARNING_RATE[hp["method"]])
+    for name, (low, high) in LIMITS.items():
+        if not low <= hp[name] <= high:
+            raise InvalidArgument(f"{name} must be between {low:g} and {high:g}, got {hp[name]:g}")
+    if not 0 <= hp["lora_dropout"] < 1:
+        raise InvalidArgument(f"lora_dropout must be in [0, 1), got {hp['lora_dropout']:g}")
+    if hp["merge_weights"] and hp["method"] != "lora":
+        raise InvalidArgument("merge_weights applies to lora runs only (full runs are complete weights)")
+    return hp
+
+
+class RunManager:
+    def __init__(self, store: ArtifactStore, launcher: Launcher, *, max_concurrent: int = 1, poll_s: float = 1.0):
+        self.store, self.registry, self.launcher = store, Registry(store), launcher
+        self.max_concurrent, self.poll_s = max_concurrent, poll_s
+        self.changed = threading.Condition()
+        self.states: dict[str, dict] = {}
+        self.specs: dict[str, dict] = {}
+        for key in store.list("runs/"):
+            if key.endswith("/state.json") and key.count("/") == 2:
+                state = store.get_json(key)
+                self.states[state["run_id"]] = state
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # requests
+    def submit(self, dataset: str, base_model_version: str, hyperparameters: dict, purpose: str = "") -> dict:
+        if not dataset:
+            raise InvalidArgument("dataset (an artifact key) is required")
+        if not self.store.exists(dataset):
+            raise NotFound(f"dataset {dataset!r} does not exist in the store")
+        if not base_model_version:
+            raise InvalidArgument("base_model_version is required")
+        self.registry.get(base_model_version)  # NotFound unless registered
+        purpose = purpose or "generation"
+        if purpose not in PURPOSES:
+            raise InvalidArgument(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+        hp = with_defaults(hyperparameters)
+        run_id = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        now = time.time()
+        spec = {"run_id": run_id, "dataset": dataset, "base_model_version": base_model_version, "purpose": purpose,
+                "hyperparameters": hp, "output_version": new_version_id(f"{purpose[:3]}-{hp['method']}"),
+                "created_at": now}
+        self.store.put_json(f"runs/{run_id}/spec.json", spec)
+        self.specs[run_id] = spec
+        state = {"run_id": run_id, "state": QUEUED, "created_at": now, "updated_at": now, "progress": {},
+                 "log_tail": [], "error": "", "output_model_version": "", "handle": None}
+        self._save(state)
+        self._wake.set()
+        return self.get(run_id)
+
+    def get(self, run_id: str) -> dict:
+        with self.changed:
+            if run_id not in self.states:
+                raise NotFound(f"training run {run_id!r} does not exist")
+            return {**self.spec(run_id), **self.states[run_id]}
+
+    def spec(self, run_id: str) -> dict:
+        if run_id not in self.specs:  # immutable, so read once
+            self.specs[run_id] = self.store.get_json(f"runs/{run_id}/spec.json")
+        return self.specs[run_id]
+
+    def list(self) -> list[dict]:
+        with self.changed:
+            ids = sorted(self.states, key=lambda i: self.states[i]["created_at"])
+        return [self.get(i) for i in ids]
+
+    def cancel(self, run_id: str) -> dict:
+        with self.changed:  # marked first, so the monitor cannot record the killed job as failed
+            state = self.get(run_id)
+            if state["state"] in FINAL:
+                raise FailedPrecondition(f"run {run_id} already ended ({state['state']})")
+            self._update(run_id, state=CANCELLED, error="cancelled by request")
+        if state["handle"]:
+            self.launcher.cancel(run_id, state["handle"])
+        return self.get(run_id)
+
+    def watch(self, run_id: str, is_active=lambda: True) -> Iterator[dict]:
+        """The run now, then each time it changes, until it ends (or the caller goes away)."""
+        last = None
+        while is_active():
+            with self.changed:
+                current = self.get(run_id)
+                if current["updated_at"] == last:
+                    self.changed.wait(timeout=1.0)
+                    continue
+            last = current["updated_at"]
+            yield current
+            if current["state"] in FINAL:
+                return
+
+    # monitoring
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._monitor, name="training-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _monitor(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - one bad poll (store hiccup) must not end monitoring
+                log.exception("monitoring training runs failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def poll(self) -> None:
+        """One pass: refresh running runs, then start queued ones while slots are free."""
+        with self.changed:
+            unfinished = sorted((s for s in self.states.values() if s["state"] not in FINAL),
+                                key=lambda s: s["created_at"])
+        running = 0
+        for state in unfinished:
+            if state["handle"]:
+                running += self._refresh(state["run_id"]) not in FINAL
+        for state in unfinished:
+            if not state["handle"] and running < self.max_concurrent and not self._stopped.is_set():
+                self._launch(state["run_id"])
+                running += 1
+
+    def _launch(self, run_id: str) -> None:
+        try:
+            handle = self.launcher.launch(run_id, self.store.url)
+        except Exception as error:  # noqa: BLE001 - a launch that cannot happen fails the run, with why
+            log.exception("launching %s failed", run_id)
+            self._update(run_id, state=FAILED, error=f"could not launch the trainer: {error}")
+            return
+        log.info("launched %s with the %s launcher", run_id, self.launcher.name)
+        self._update(run_id, state=RUNNING, handle=handle)
+
+    def _refresh(self, run_id: str) -> str:
+        state = self.get(run_id)
+        job = self.launcher.status(run_id, state["handle"])
+        progress = self._progress(run_id)
+        fields = {"progress": {k: progress[k] for k in ("step", "total_steps", "epoch", "loss", "tokens_per_second",
+                                                        "eta_seconds") if k in progress},
+                  "log_tail": progress.get("log") or job.log_tail}
+        if job.phase in ("succeeded", "failed", "exited"):
+            fields.update(self._outcome(state, job, progress))
+        elif job.phase == "running":
+            fields["state"] = RUNNING
+        with self.changed:
+            current = self.states[run_id]
+            changed = {k: v for k, v in fields.items() if current.get(k) != v}
+            if changed and current["state"] not in FINAL:  # a cancel may have landed meanwhile
+                self._update(run_id, **changed)
+            return self.states[run_id]["state"]
+
+    def _outcome(self, state: dict, job: JobStatus, progress: dict) -> dict:
+        output = state["output_version"]
+        registered = self.store.exists(f"models/{output}/MANIFEST.json")
+        if registered:  # the trainer registers last, so the model is complete whatever happened after
+            return {"state": SUCCEEDED, "output_model_version": output, "error": ""}
+        reason = job.reason or "the trainer exited without registering a model"
+        if progress.get("error"):
+            reason = f"{reason}: {progress['error']}"
+        return {"state": FAILED, "error": reason, "log_tail": job.log_tail or progress.get("log", [])}
+
+    def _progress(self, run_id: str) -> dict:
+        try:
+            return self.store.get_json(f"runs/{run_id}/progress.json")
+        except NotFound:
+            return {}
+        except ValueError:  # a store without atomic overwrite could show a torn write: next poll
+            return {}
+
+    # state
+    def _update(self, run_id: str, **fields) -> None:
+        with self.changed:
+            state = {**self.states[run_id], **fields, "updated_at": time.time()}
+            self._save(state)
+
+    def _save(self, state: dict) -> None:
+        with self.changed:
+            self.store.put_json(f"runs/{state['run_id']}/state.json", state, overwrite=True)
+            self.states[state["run_id"]] = state
+            self.changed.notify_all()

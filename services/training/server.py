@@ -1,0 +1,64 @@
+"""gRPC servicer of the training service, a thin layer over RunManager."""
+from __future__ import annotations
+
+from ilf import config
+from ilf.grpc_util import Server, setup_logging
+from ilf.store import open_store
+from ilf.v1 import training_pb2, training_pb2_grpc
+from services.training.launchers import make_launcher
+from services.training.runs import RunManager
+
+HYPERPARAMETERS = ("method", "learning_rate", "batch_size", "epochs", "max_seq_len", "lora_rank", "lora_alpha",
+                   "lora_dropout", "seed", "merge_weights")
+PROGRESS = ("step", "total_steps", "epoch", "loss", "tokens_per_second", "eta_seconds", "phase")
+
+
+def to_proto(run: dict) -> training_pb2.Run:
+    return training_pb2.Run(
+        run_id=run["run_id"], state=training_pb2.RunState.Value(f"RUN_STATE_{run['state']}"), dataset=run["dataset"],
+        base_model_version=run["base_model_version"], purpose=run["purpose"],
+        hyperparameters=training_pb2.Hyperparameters(**{k: run["hyperparameters"][k] for k in HYPERPARAMETERS}),
+        progress=training_pb2.Progress(**{k: v for k, v in run["progress"].items() if k in PROGRESS}),
+        output_model_version=run["output_model_version"], error=run["error"], created_at=run["created_at"],
+        updated_at=run["updated_at"], log_tail=run["log_tail"], artifacts=f"runs/{run['run_id']}/",
+        launcher=(run["handle"] or {}).get("launcher", ""))
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServicer):
+    def __init__(self, runs: RunManager):
+        self.runs = runs
+
+    def SubmitRun(self, request, context):
+        requested = {k: getattr(request.hyperparameters, k) for k in HYPERPARAMETERS}
+        return to_proto(self.runs.submit(request.dataset, request.base_model_version, requested, request.purpose))
+
+    def GetRun(self, request, context):
+        return to_proto(self.runs.get(request.run_id))
+
+    def WatchRun(self, request, context):
+        for run in self.runs.watch(request.run_id, is_active=context.is_active):
+            yield to_proto(run)
+
+    def CancelRun(self, request, context):
+        return to_proto(self.runs.cancel(request.run_id))
+
+    def ListRuns(self, request, context):
+        return training_pb2.ListRunsResponse(runs=[to_proto(r) for r in self.runs.list()])
+
+
+def build_server(port: int) -> Server:
+    """The server, not started; run monitoring (including runs left by an earlier process) starts now."""
+    runs = RunManager(open_store(), make_launcher(), max_concurrent=int(config.get("ILF_TRAINING_MAX_CONCURRENT")),
+                      poll_s=float(config.get("ILF_TRAINING_POLL_S")))
+    server = Server(["ilf.v1.Training"], port)
+    server.add(training_pb2_grpc.add_TrainingServicer_to_server, TrainingServicer(runs))
+    server.run_manager = runs
+    runs.start()
+    server.set_serving(True)
+    return server
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    server = build_server(int(config.get("ILF_TRAINING_PORT")))
+    server.run_until_signal(on_stop=server.run_manager.stop)

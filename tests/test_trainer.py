@@ -1,0 +1,139 @@
+"""The fine-tuning job on the tiny model: masking, batching, LoRA and full runs, resume, outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ilf.datasets import put_dataset
+from trainer import data
+
+RECORDS = [{"prompt": f"Write a function that adds {i}.\n", "completion": f"def add(x):\n    return x + {i}\n"}
+           for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+def test_prompt_is_masked_and_completion_ends_with_eos(tokenizer):
+    (example,), dropped = data.tokenize(tokenizer, RECORDS[:1], max_seq_len=1024)
+    prompt_len = len(tokenizer(RECORDS[0]["prompt"])["input_ids"])
+    assert dropped == 0
+    assert example.labels[:prompt_len] == [data.IGNORE] * prompt_len
+    assert example.labels[prompt_len:] == example.input_ids[prompt_len:]
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(example.input_ids[prompt_len:-1]) == RECORDS[0]["completion"]
+
+
+def test_records_without_room_for_the_completion_are_dropped(tokenizer):
+    long_prompt = {"prompt": "word " * 50, "completion": "x"}
+    examples, dropped = data.tokenize(tokenizer, [long_prompt, RECORDS[0]], max_seq_len=20)
+    assert dropped == 1 and len(examples) == 1 and len(examples[0].input_ids) <= 20
+
+
+def test_micro_batches_respect_the_token_budget_and_keep_every_example():
+    step = [data.Example(list(range(n)), list(range(n))) for n in (5, 50, 7, 48, 6, 30)]
+    batches = data.micro_batches(step, token_budget=100)
+    assert sorted(len(e.input_ids) for b in batches for e in b) == [5, 6, 7, 30, 48, 50]
+    for batch in batches:
+        assert len(batch) * max(len(e.input_ids) for e in batch) <= 100 or len(batch) == 1
+    # short and long examples do not share a micro-batch: little padding
+    assert [len(e.input_ids) for e in batches[0]] == [5, 6, 7]
+
+
+def test_epoch_order_is_deterministic_and_covers_everything():
+    examples = [data.Example([i], [i]) for i in range(10)]
+    first = data.epoch_steps(examples, 4, seed=1, epoch=0)
+    assert first == data.epoch_steps(examples, 4, seed=1, epoch=0)
+    assert [len(s) for s in first] == [4, 4, 2]
+    assert sorted(e.input_ids[0] for s in first for e in s) == list(range(10))
+    assert first != data.epoch_steps(examples, 4, seed=1, epoch=1)
+
+
+def test_completion_loss_matches_the_masked_language_model_loss(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.train import completion_loss
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples, _ = data.tokenize(tokenizer, RECORDS[:3], 1024)
+    batch = data.collate(examples, tokenizer.pad_token_id)
+    reference = model(**batch).loss  # transformers' mean over the labelled (non -100) positions
+    ours = completion_loss(model, batch) / sum(e.completion_tokens for e in examples)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def write_spec(store, registry, run_id: str, **hyperparameters) -> dict:
+    from services.training.runs import with_defaults
+    base = registry.ensure_base(__import__("ilf.config").config.get("ILF_BASE_MODEL"))
+    hp = with_defaults({"batch_size": 4, "epochs": 2, "max_seq_len": 128, "lora_rank": 4, **hyperparameters})
+    spec = {"run_id": run_id, "dataset": put_dataset(store, RECORDS, name="adds"), "base_model_version": base.version,
+            "purpose": "generation", "hyperparameters": hp, "output_version": f"out-{run_id}"}
+    store.put_json(f"runs/{run_id}/spec.json", spec)
+    return spec
+
+
+def test_lora_run_registers_a_peft_adapter_with_lineage_metrics_and_plot(local_registry):
+    from peft import PeftConfig
+
+    from ilf.modeling import load_version, local_files
+    from trainer.train import train
+    store = local_registry.store
+    spec = write_spec(store, local_registry, "lora1", merge_weights=True)
+    record = train(store, "lora1")
+    assert record.kind == "lora" and record.base_version == spec["base_model_version"]
+    assert record.lineage["dataset"] == spec["dataset"] and record.lineage["run_id"] == "lora1"
+    assert record.metrics["steps"] == 6 and record.metrics["tokens_per_second"] > 0
+    files = local_files(local_registry, record.version)
+    assert (files / "adapter_config.json").exists() and (files / "adapter_model.safetensors").exists()
+    assert (files / "merged" / "model.safetensors").exists()
+    assert PeftConfig.from_pretrained(files).r == 4
+    metrics = json.loads(store.get("runs/lora1/metrics.json"))
+    assert len(metrics["losses"]) == 6
+    assert store.get("runs/lora1/loss_curve.png").startswith(b"\x89PNG")
+    progress = store.get_json("runs/lora1/progress.json")
+    assert progress["phase"] == "succeeded" and progress["step"] == 6 and progress["log"]
+    loaded = load_version(local_registry, record.version)
+    assert loaded.model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(loaded.tokenizer)
+
+
+def test_full_fine_tuning_changes_every_weight_and_loss_goes_down(local_registry):
+    from ilf.modeling import load_version
+    from trainer.train import train
+    store = local_registry.store
+    spec = write_spec(store, local_registry, "full1", method="full", learning_rate=1e-3, epochs=5)
+    record = train(store, "full1")
+    assert record.kind == "full"
+    losses = record.metrics["final_loss"], json.loads(store.get("runs/full1/metrics.json"))["losses"][0]
+    assert losses[0] < losses[1]
+    before = load_version(local_registry, spec["base_model_version"]).model.state_dict()
+    after = load_version(local_registry, record.version).model.state_dict()
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_from_checkpoint_continues_where_it_stopped(local_registry, monkeypatch):
+    from trainer import train as train_module
+    store = local_registry.store
+    write_spec(store, local_registry, "resume1", epochs=3)  # 9 steps, checkpoint every 2
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def crash_at_step_five(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_five)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_module.train(store, "resume1", checkpoint_every=2)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    record = train_module.train(store, "resume1", checkpoint_every=2)
+    assert record.metrics["resumed_at_step"] == 4 and record.metrics["steps"] == 9
+    assert len(json.loads(store.get("runs/resume1/metrics.json"))["losses"]) == 9
+    assert any("resumed from the checkpoint at step 4" in line for line in store.get_json("runs/resume1/progress.json")["log"])

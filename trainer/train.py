@@ -1,0 +1,258 @@
+"""The fine-tuning job: reads runs/<id>/spec.json and its dataset, trains, registers the result.
+
+Everything it needs travels through the store (spec, dataset, progress, checkpoints, outputs), so
+the same job runs as a local process or in a Kubernetes pod.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ilf import modeling
+from ilf.datasets import read_dataset
+from ilf.errors import InvalidArgument
+from ilf.registry import ModelVersion, Registry
+from ilf.store import ArtifactStore
+from trainer import data
+
+log = logging.getLogger("trainer")
+
+PROGRESS_EVERY_S = 2.0
+LOG_LINES_KEPT = 50
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+class Progress:
+    """runs/<id>/progress.json, rewritten at most every PROGRESS_EVERY_S seconds, plus a log tail.
+
+    Starts from what an earlier attempt wrote, so a resumed run keeps its log.
+    """
+
+    def __init__(self, store: ArtifactStore, run_id: str):
+        self.store, self.key = store, f"{run_prefix(run_id)}/progress.json"
+        self.fields: dict = store.get_json(self.key) if store.exists(self.key) else {"log": []}
+        self.fields.update(phase="starting", error="")
+        self.last_write = 0.0
+
+    def update(self, *, force: bool = False, **fields) -> None:
+        self.fields.update(fields)
+        if force or time.monotonic() - self.last_write >= PROGRESS_EVERY_S:
+            self.fields["updated_at"] = time.time()
+            self.store.put_json(self.key, self.fields, overwrite=True)
+            self.last_write = time.monotonic()
+
+    def log_line(self, line: str) -> None:
+        self.fields["log"] = (self.fields["log"] + [line])[-LOG_LINES_KEPT:]
+
+
+class _ProgressLogHandler(logging.Handler):
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record):
+        self.progress.log_line(self.format(record))
+        self.progress.update(force=record.levelno >= logging.WARNING)
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the labelled (completion + EOS) positions.
+
+    The output projection runs only on those positions: prompt tokens carry no loss, so their
+    vocabulary-sized logits would be wasted work and memory.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != data.IGNORE
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def _prepare_model(loaded: modeling.LoadedModel, hp: dict):
+    model = loaded.model
+    if hp["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(
+            r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
+            target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def _save_checkpoint(store: ArtifactStore, run_id: str, model, optimizer, scheduler, state: dict) -> None:
+    trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    buffer = io.BytesIO()
+    torch.save({**state, "trainable": trainable, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, buffer)
+    store.put(f"{run_prefix(run_id)}/checkpoint.pt", buffer.getvalue(), overwrite=True)
+
+
+def _load_checkpoint(store: ArtifactStore, run_id: str, model, optimizer, scheduler) -> dict | None:
+    key = f"{run_prefix(run_id)}/checkpoint.pt"
+    if not store.exists(key):
+        return None
+    checkpoint = torch.load(io.BytesIO(store.get(key)), map_location="cpu", weights_only=False)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in checkpoint.pop("trainable").items():
+            parameters[name].copy_(tensor)
+    optimizer.load_state_dict(checkpoint.pop("optimizer"))
+    scheduler.load_state_dict(checkpoint.pop("scheduler"))
+    torch.set_rng_state(checkpoint.pop("rng"))
+    return checkpoint
+
+
+def save_loss_curve(losses: list[float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(range(1, len(losses) + 1), losses, marker="o" if len(losses) < 40 else None)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss per completion token")
+    axes.set_title("training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micro_batch_tokens: int = 4096) -> ModelVersion:
+    registry = Registry(store)
+    spec = store.get_json(f"{run_prefix(run_id)}/spec.json")
+    hp = spec["hyperparameters"]
+    progress = Progress(store, run_id)
+    handler = _ProgressLogHandler(progress)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # the run's log lines are part of its progress, whatever the root level
+    try:
+        record = _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens)
+    finally:
+        log.removeHandler(handler)
+    progress.update(phase="succeeded", force=True)
+    return record
+
+
+def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens) -> ModelVersion:
+    hp, run_id = spec["hyperparameters"], spec["run_id"]
+    if store.exists(f"models/{spec['output_version']}/MANIFEST.json"):
+        # An earlier attempt registered the model and died before it could report: nothing to redo.
+        log.info("model %s is already registered; nothing to do", spec["output_version"])
+        return registry.get(spec["output_version"])
+
+    torch.manual_seed(hp["seed"])
+    modeling.configure_torch()
+    progress.update(phase="loading", force=True)
+    log.info("loading %s and dataset %s", spec["base_model_version"], spec["dataset"])
+    loaded = modeling.load_version(registry, spec["base_model_version"], merge=True)
+    tokenizer = loaded.tokenizer
+    examples, dropped = data.tokenize(tokenizer, read_dataset(store, spec["dataset"]), hp["max_seq_len"])
+    if not examples:
+        raise InvalidArgument(f"no record of {spec['dataset']} keeps a completion token within max_seq_len={hp['max_seq_len']}")
+    if dropped:
+        log.warning("dropped %d records whose completion starts beyond max_seq_len", dropped)
+
+    model = _prepare_model(loaded, hp)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    steps_per_epoch = math.ceil(len(examples) / hp["batch_size"])
+    total_steps = steps_per_epoch * hp["epochs"]
+    optimizer = torch.optim.AdamW(trainable, lr=hp["learning_rate"], weight_decay=0.0)
+    # Linear decay to zero over the run, as in the authors' (Hugging Face Trainer) setup.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
+
+    state = {"step": 0, "losses": [], "tokens": 0, "train_seconds": 0.0}
+    resumed = _load_checkpoint(store, run_id, model, optimizer, scheduler)
+    if resumed:
+        state = dict(resumed)
+        log.info("resumed from the checkpoint at step %d/%d", state["step"], total_steps)
+    log.info("%s fine-tuning: %d examples, %d steps of %d, %d trainable parameters",
+             hp["method"], len(examples), total_steps, hp["batch_size"], sum(p.numel() for p in trainable))
+
+    device, pad_id = loaded.device, tokenizer.pad_token_id
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {run_id}", unit="step", mininterval=1)
+    first_step, session_start, session_tokens = state["step"], time.monotonic(), 0
+    for step in range(state["step"], total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        batch_examples = data.epoch_steps(examples, hp["batch_size"], hp["seed"], epoch)[index]
+        label_count = sum(e.completion_tokens for e in batch_examples)
+        step_loss = 0.0
+        for micro in data.micro_batches(batch_examples, micro_batch_tokens):
+            batch = {k: v.to(device) for k, v in data.collate(micro, pad_id).items()}
+            with autocast:
+                loss = completion_loss(model, batch) / label_count  # mean over the whole step's tokens
+            loss.backward()
+            step_loss += loss.item()
+            session_tokens += sum(len(e.input_ids) for e in micro)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.monotonic() - session_start
+        tokens_per_second = session_tokens / max(elapsed, 1e-9)
+        state.update(step=step + 1, losses=state["losses"] + [step_loss])
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
+        done = step + 1 == total_steps
+        progress.update(phase="training", step=step + 1, total_steps=total_steps, epoch=(step + 1) / steps_per_epoch,
+                        loss=step_loss, tokens_per_second=tokens_per_second,
+                        eta_seconds=elapsed / (step + 1 - first_step) * (total_steps - step - 1), force=done)
+        if (step + 1) % checkpoint_every == 0 and not done:
+            _save_checkpoint(store, run_id, model, optimizer, scheduler,
+                             {**state, "tokens": state["tokens"] + session_tokens,
+                              "train_seconds": state["train_seconds"] + elapsed})
+            log.info("checkpoint at step %d", step + 1)
+    bar.close()
+    elapsed = time.monotonic() - session_start
+    tokens, train_seconds = state["tokens"] + session_tokens, state["train_seconds"] + elapsed
+    metrics = {"final_loss": state["losses"][-1], "losses": state["losses"], "steps": total_steps,
+               "examples": len(examples), "dropped_examples": dropped, "tokens": tokens,
+               "train_seconds": train_seconds, "tokens_per_second": tokens / max(train_seconds, 1e-9),
+               "resumed_at_step": first_step if resumed else None}
+    progress.update(phase="saving", force=True)
+    return _publish(store, registry, spec, model, tokenizer, metrics)
+
+
+def _publish(store, registry, spec, model, tokenizer, metrics) -> ModelVersion:
+    hp, run_id = spec["hyperparameters"], spec["run_id"]
+    with tempfile.TemporaryDirectory(prefix="ilf-train-") as tmp:
+        run_dir, model_dir = Path(tmp) / "run", Path(tmp) / "model"
+        run_dir.mkdir()
+        save_loss_curve(metrics["losses"], run_dir / "loss_curve.png")
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        model = model.to("cpu")
+        if hp["method"] == "lora":
+            model.save_pretrained(model_dir)  # adapter_config.json + adapter_model.safetensors (PEFT layout)
+            if hp.get("merge_weights"):
+                merged = model.merge_and_unload()
+                merged.save_pretrained(model_dir / "merged", safe_serialization=True)
+                tokenizer.save_pretrained(model_dir / "merged")
+        else:
+            model.save_pretrained(model_dir, safe_serialization=True)
+            tokenizer.save_pretrained(model_dir)
+        for path in run_dir.iterdir():
+            store.put(f"{run_prefix(run_id)}/{path.name}", path.read_bytes(), overwrite=True)
+        summary = {k: v for k, v in metrics.items() if k != "losses"}
+        record = registry.register(ModelVersion(
+            version=spec["output_version"], kind=hp["method"], base_version=spec["base_model_version"],
+            lineage={"dataset": spec["dataset"], "run_id": run_id, "hyperparameters": hp, "purpose": spec["purpose"],
+                     "merged_weights": "merged/" if hp["method"] == "lora" and hp.get("merge_weights") else None},
+            metrics=summary), model_dir)
+    log.info("registered %s (final loss %.4f, %.0f tokens/s)", record.version, metrics["final_loss"],
+             metrics["tokens_per_second"])
+    return record
