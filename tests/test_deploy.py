@@ -255,6 +255,13 @@ def effective(env: dict[str, str], name: str) -> str:
     return env.get(name, config.SETTINGS[name].default)
 
 
+def http_port(service: str, env: dict[str, str]) -> dict[str, int]:
+    """{"http": port} where the service also serves HTTP (generation's TGI protocol), else {}."""
+    name = f"ILF_{service.upper()}_HTTP_PORT"
+    value = effective(env, name) if name in config.SETTINGS else ""
+    return {"http": int(value)} if value else {}
+
+
 def test_compose_file_validates():
     result = subprocess.run([tool("docker-compose"), "-f", str(COMPOSE), "--profile", "*", "config", "--quiet"],
                             capture_output=True, text=True, cwd=ROOT)
@@ -286,7 +293,7 @@ def test_compose_ports_and_addresses_agree_with_the_settings():
         assert effective(env, "ILF_BIND_HOST") == "0.0.0.0", f"{name} must listen on all interfaces in a container"
         port = int(effective(env, port_setting(name)))
         published = {int(p.rsplit(":", 1)[1]) for p in svc.get("ports", [])}
-        assert published == {port}, f"{name} listens on {port} but publishes {published}"
+        assert published == {port} | set(http_port(name, env).values()), f"{name} listens on {port}, publishes {published}"
         for other in service_names():
             host, addr_port = host_port(effective(env, f"ILF_{other.upper()}_ADDR"))
             assert host == other and addr_port == int(effective(compose_environment(services[other]),
@@ -397,7 +404,7 @@ def test_overlay_ports_probes_and_addresses_agree_with_the_settings(overlay):
             assert effective(env, "ILF_BIND_HOST") == "0.0.0.0", f"{name}: bind all interfaces in a pod"
             port = int(effective(env, port_setting(service)))
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            assert ports == {"grpc": port}, f"{name} listens on {port}, declares {ports}"
+            assert ports == {"grpc": port} | http_port(service, env), f"{name} listens on {port}, declares {ports}"
             for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = container[probe_kind]["grpc"]
                 assert probe["port"] == port, f"{name} {probe_kind} probes {probe['port']}, serves on {port}"
@@ -409,6 +416,8 @@ def test_overlay_ports_probes_and_addresses_agree_with_the_settings(overlay):
             assert host == service and host in services, f"ILF_{service.upper()}_ADDR={host}: no such Service"
             forwarded = {p["port"]: p["targetPort"] for p in services[host]["spec"]["ports"]}
             assert forwarded.get(addr_port) in ("grpc", port), f"Service {host} does not forward {addr_port} to {name}"
+            for number in http_port(service, env).values():
+                assert forwarded.get(number) in ("http", number), f"Service {host} does not forward HTTP {number}"
             assert services[host]["spec"]["selector"].items() <= template["metadata"]["labels"].items()
             s3_host, s3_port = host_port(env["ILF_S3_ENDPOINT"])
             assert s3_port in {p["port"] for p in services[s3_host]["spec"]["ports"]}, "ILF_S3_ENDPOINT: no such port"
@@ -542,7 +551,7 @@ def test_guide_configuration_table_is_generated_from_the_settings():
     match = TABLE.search(GUIDE.read_text())
     assert match, "deploy/README.md lacks the config-table markers"
     assert match.group(1).strip() == config.markdown_table().strip(), \
-        "deploy/README.md configuration table is stale: replace it with the output of `ilf config`"
+        "deploy/README.md configuration table is stale: run `python tests/test_deploy.py --write-config-table`"
 
 
 def test_guide_commands_exist():
@@ -555,3 +564,8 @@ def test_guide_commands_exist():
         assert exit_info.value.code == 0, f"deploy/README.md shows `ilf {command}`, which does not exist"
     for path in re.findall(r"`((?:deploy|docker)/[\w./-]+)`", GUIDE.read_text()):
         assert (ROOT / path).exists(), f"deploy/README.md names {path}, which does not exist"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write-config-table"]:
+    GUIDE.write_text(TABLE.sub(lambda _: f"<!-- config-table:start -->\n{config.markdown_table()}\n"
+                                         "<!-- config-table:end -->", GUIDE.read_text()))
