@@ -80,6 +80,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_TRAINING_POLL_S", "1.0", "Seconds between checks of running training runs."),
     Setting("ILF_TRAINING_DEADLINE_S", "86400", "A training run fails with DeadlineExceeded after this many seconds."),
     Setting("ILF_TRAINING_LOG_DIR", "{ILF_HOME}/training-logs", "Where the local launcher writes each trainer's output."),
+    Setting("ILF_TRAINING_K8S_API", "",
+            "Kubernetes API URL for training Jobs; empty: the in-cluster service account, else ~/.kube/config."),
     Setting("ILF_TRAINING_K8S_NAMESPACE", "default", "Namespace of the training Jobs."),
     Setting("ILF_TRAINING_K8S_IMAGE", "ilf:latest", "Container image of the training Jobs (has `python -m trainer`)."),
     Setting("ILF_TRAINING_K8S_SECRET", "ilf-s3", "Secret whose keys (ILF_S3_*) become the trainer's environment."),
@@ -91,7 +93,6 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_TRAINER_CHECKPOINT_STEPS", "20", "The trainer checkpoints to the store every this many optimizer steps."),
     Setting("ILF_TRAINER_MICRO_BATCH_TOKENS", "4096",
             "Token budget of one forward pass (rows x longest row); optimizer steps accumulate micro-batches."),
-    Setting("ILF_TRAINER_MAX_MEMORY_MB", "0", "Address-space cap of the trainer process in MiB; 0: none."),
     Setting("ILF_DEVICE", "auto", "torch device for models: auto, cpu or cuda."),
     Setting("ILF_TORCH_THREADS", "0", "torch intra-op threads; 0 keeps torch's default."),
 ]}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import sys
 import traceback
 
@@ -24,13 +23,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
 
 
-def _limit_memory() -> None:
-    megabytes = int(config.get("ILF_TRAINER_MAX_MEMORY_MB"))
-    if megabytes > 0:  # address-space cap: a runaway run fails here instead of swapping the host
-        limit = megabytes * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=None, help="artifact store URL (default ILF_STORE)")
@@ -38,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     store = open_store(args.store)
-    _limit_memory()
     try:
         train(store, args.run_id, checkpoint_every=int(config.get("ILF_TRAINER_CHECKPOINT_STEPS")),
               micro_batch_tokens=int(config.get("ILF_TRAINER_MICRO_BATCH_TOKENS")))

@@ -173,7 +173,8 @@ class RunManager:
             self._update(run_id, state=FAILED, error=f"could not launch the trainer: {error}")
             return
         log.info("launched %s with the %s launcher", run_id, self.launcher.name)
-        self._update(run_id, state=RUNNING, handle=handle)
+        self._update(run_id, handle=handle)
+        self._refresh(run_id)
 
     def _refresh(self, run_id: str) -> str:
         state = self.get(run_id)
@@ -184,8 +185,8 @@ class RunManager:
                   "log_tail": progress.get("log") or job.log_tail}
         if job.phase in ("succeeded", "failed", "exited"):
             fields.update(self._outcome(state, job, progress))
-        elif job.phase == "running":
-            fields["state"] = RUNNING
+        else:  # a Job waiting for its pod stays QUEUED
+            fields["state"] = RUNNING if job.phase == "running" else QUEUED
         with self.changed:
             current = self.states[run_id]
             changed = {k: v for k, v in fields.items() if current.get(k) != v}

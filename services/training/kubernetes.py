@@ -1,0 +1,127 @@
+"""The trainer as a Kubernetes batch/v1 Job, created and read with the `kubernetes` client.
+
+The Job's pod gets the store's S3 credentials from a Secret (envFrom), a GPU limit when asked,
+and the label ilf.run-id that links Job, pods and run. Its outcome comes from the Job's
+conditions (Complete, or Failed with DeadlineExceeded / BackoffLimitExceeded), and a failed
+pod's termination (OOMKilled, exit code) says why.
+"""
+from __future__ import annotations
+
+import time
+
+from ilf import config
+from services.training.launchers import JobStatus, Launcher, exit_reason, trainer_command
+
+RUN_LABEL = "ilf.run-id"
+# Trainer settings the Job inherits from the service, so both sides agree on them.
+FORWARDED_SETTINGS = ("ILF_TRAINER_CHECKPOINT_STEPS", "ILF_TRAINER_MICRO_BATCH_TOKENS", "ILF_DEVICE",
+                      "ILF_TORCH_THREADS", "ILF_S3_SECURE", "ILF_S3_REGION")
+
+
+def job_name(run_id: str) -> str:
+    return f"ilf-train-{run_id}"[:63]
+
+
+def api_client():
+    """A client for ILF_TRAINING_K8S_API if set, else the in-cluster service account, else kubeconfig."""
+    from kubernetes import client, config as kube_config
+    host = config.get("ILF_TRAINING_K8S_API")
+    if host:
+        configuration = client.Configuration()
+        configuration.host = host
+        return client.ApiClient(configuration)
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()
+    return client.ApiClient()
+
+
+def job_manifest(run_id: str, store_url: str) -> dict:
+    gpus = int(config.get("ILF_TRAINING_K8S_GPUS"))
+    limits = {"memory": config.get("ILF_TRAINING_K8S_MEMORY"), **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+    labels = {RUN_LABEL: run_id, "app.kubernetes.io/name": "ilf-trainer", "app.kubernetes.io/part-of": "ilf"}
+    container = {
+        "name": "trainer",
+        "image": config.get("ILF_TRAINING_K8S_IMAGE"),
+        "command": trainer_command(store_url, run_id),
+        "env": [{"name": name, "value": config.get(name)} for name in FORWARDED_SETTINGS],
+        "envFrom": [{"secretRef": {"name": config.get("ILF_TRAINING_K8S_SECRET")}}],
+        "resources": {"requests": {"cpu": config.get("ILF_TRAINING_K8S_CPU"), "memory": limits["memory"]},
+                      "limits": limits},
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job_name(run_id), "namespace": config.get("ILF_TRAINING_K8S_NAMESPACE"), "labels": labels},
+        "spec": {
+            # A retried pod resumes from the run's last checkpoint in the store.
+            "backoffLimit": int(config.get("ILF_TRAINING_K8S_BACKOFF_LIMIT")),
+            "activeDeadlineSeconds": int(float(config.get("ILF_TRAINING_DEADLINE_S"))),
+            "ttlSecondsAfterFinished": int(config.get("ILF_TRAINING_K8S_TTL_S")),
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"restartPolicy": "Never", "containers": [container]},
+            },
+        },
+    }
+
+
+class KubernetesJobLauncher(Launcher):
+    name = "kubernetes"
+
+    def __init__(self, api=None):
+        from kubernetes import client
+        api = api or api_client()
+        self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
+        self.namespace = config.get("ILF_TRAINING_K8S_NAMESPACE")
+
+    def launch(self, run_id, store_url):
+        from kubernetes.client.exceptions import ApiException
+        manifest = job_manifest(run_id, store_url)
+        try:
+            self.batch.create_namespaced_job(self.namespace, manifest)
+        except ApiException as error:
+            if error.status != 409:  # 409: created before a service restart; keep that Job
+                raise
+        return {"launcher": self.name, "job": manifest["metadata"]["name"], "namespace": self.namespace,
+                "started_at": time.time()}
+
+    def status(self, run_id, handle):
+        from kubernetes.client.exceptions import ApiException
+        try:
+            job = self.batch.read_namespaced_job(handle["job"], handle["namespace"])
+        except ApiException as error:
+            if error.status == 404:  # deleted by hand, or by its TTL while the service was down
+                return JobStatus("exited", f"the Job {handle['job']} no longer exists")
+            raise
+        conditions = {c.type: c for c in (job.status.conditions or []) if c.status == "True"} if job.status else {}
+        if "Complete" in conditions:
+            return JobStatus("succeeded")
+        if "Failed" in conditions:
+            failed = conditions["Failed"]
+            reason = f"{failed.reason or 'Failed'}: {failed.message or 'the Job failed'}"
+            pod_reason = self._pod_failure(run_id, handle["namespace"])
+            return JobStatus("failed", f"{reason}; {pod_reason}" if pod_reason else reason)
+        active = job.status and (job.status.active or job.status.start_time)
+        return JobStatus("running" if active else "pending")
+
+    def _pod_failure(self, run_id: str, namespace: str) -> str:
+        """How the last failed pod's trainer ended: OOMKilled or its exit code."""
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{RUN_LABEL}={run_id}").items
+        for pod in reversed([p for p in pods if (p.metadata.labels or {}).get(RUN_LABEL) == run_id]):
+            for container in (pod.status and pod.status.container_statuses) or []:
+                terminated = container.state and container.state.terminated
+                if terminated and terminated.exit_code:
+                    if terminated.reason == "OOMKilled":
+                        return f"OOMKilled: the trainer exceeded its memory limit (exit code {terminated.exit_code})"
+                    return exit_reason(terminated.exit_code)
+        return ""
+
+    def cancel(self, run_id, handle):
+        from kubernetes.client.exceptions import ApiException
+        try:  # Background propagation deletes the Job's pods too
+            self.batch.delete_namespaced_job(handle["job"], handle["namespace"], propagation_policy="Background")
+        except ApiException as error:
+            if error.status != 404:
+                raise

@@ -1,0 +1,323 @@
+"""Training runs through the Kubernetes launcher against the kmock API emulator.
+
+kmock stores objects but runs nothing, so FakeKubelet plays the node: it runs each Job's
+container command as a local process (with the Secret's keys in its environment), enforces the
+Job's deadline and the container's memory limit (killing it the way the OOM killer does), writes
+the pod's termination and the Job's conditions back, and retries up to backoffLimit.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from ilf.datasets import put_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "ilf"
+RECORDS = [{"prompt": f"Write a function that triples then adds {i}.\n",
+            "completion": f"def f(x):\n    return 3 * x + {i}\n"} for i in range(8)]
+SMALL = {"batch_size": 4, "epochs": 1, "max_seq_len": 64, "lora_rank": 4}
+LONG = {"batch_size": 1, "epochs": 50, "max_seq_len": 64, "lora_rank": 4}
+
+
+class Emulator:
+    """kmock's Kubernetes emulator on a local port, served from its own event loop thread."""
+
+    def __init__(self):
+        import kmock
+        self.kmock = kmock
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(20), "kmock did not start"
+
+    async def _serve(self):
+        kmock = self.kmock
+        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator, port=int(self.url.rsplit(":", 1)[1])):
+            verbs = {"list", "get", "create", "patch", "delete"}
+            emulator.resources["batch/v1/jobs"] = kmock.ResourceInfo(kind="Job", namespaced=True, verbs=verbs,
+                                                                     subresources={"status"})
+            emulator.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=verbs,
+                                                               subresources={"status"})
+            emulator.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=verbs)
+            self.loop, self.stopped = asyncio.get_running_loop(), asyncio.Event()
+            self.ready.set()
+            await self.stopped.wait()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.thread.join(timeout=10)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of the trainer (one process, so this is what its cgroup would count)."""
+    try:
+        line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024
+
+
+class FakeKubelet:
+    def __init__(self, api_url: str, log_dir: Path):
+        from kubernetes import client
+        configuration = client.Configuration()
+        configuration.host = api_url
+        api = client.ApiClient(configuration)
+        self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
+        self.log_dir = log_dir
+        self.jobs: dict[str, dict] = {}  # job name -> {manifest, process, attempt, failures, started}
+        self.seen_manifests: list = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join(timeout=10)
+        for job in self.jobs.values():
+            if job["process"] and job["process"].poll() is None:
+                os.killpg(job["process"].pid, signal.SIGKILL)
+                job["process"].wait()
+
+    def _loop(self):
+        while not self.stopped.wait(0.2):
+            existing = {j.metadata.name: j for j in self.batch.list_namespaced_job(NAMESPACE).items}
+            for name, job in existing.items():
+                if name not in self.jobs:
+                    self.seen_manifests.append(job)
+                    self.jobs[name] = {"manifest": job, "process": None, "attempt": 0, "failures": 0,
+                                       "started": time.monotonic(), "done": False}
+                    self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": {"startTime": _now()}})
+                    self._start_pod(name)
+            for name, state in self.jobs.items():
+                if state["done"]:
+                    continue
+                if name not in existing:  # deleted: the pods go with it
+                    self._kill(state)
+                    state["done"] = True
+                    continue
+                self._watch(name, state)
+
+    def _start_pod(self, name: str):
+        state = self.jobs[name]
+        job = state["manifest"]
+        container = job.spec.template.spec.containers[0]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.update({e.name: e.value for e in container.env or []})
+        for source in container.env_from or []:
+            secret = self.core.read_namespaced_secret(source.secret_ref.name, NAMESPACE)
+            env.update({k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()})
+            env.update(secret.string_data or {})
+        command = [sys.executable if container.command[0] == "python" else container.command[0], *container.command[1:]]
+        state["attempt"] += 1
+        state["pod"] = f"{name}-{state['attempt']}"
+        with open(self.log_dir / f"{state['pod']}.log", "wb") as log:
+            state["process"] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        state["memory_limit"] = _bytes(container.resources.limits["memory"])
+        self.core.create_namespaced_pod(NAMESPACE, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": state["pod"], "namespace": NAMESPACE, "labels": job.spec.template.metadata.labels},
+            "spec": {"containers": [{"name": container.name, "image": container.image}]},
+            "status": {"phase": "Running"}})
+        self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": {"active": 1}})
+
+    def _watch(self, name: str, state: dict):
+        job, process = state["manifest"], state["process"]
+        deadline = job.spec.active_deadline_seconds
+        if deadline and time.monotonic() - state["started"] > deadline:
+            self._kill(state)
+            return self._finish(name, state, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+        reason = None
+        if _rss(process.pid) > state["memory_limit"]:
+            self._kill(state)
+            reason = "OOMKilled"
+        exit_code = process.poll()
+        if exit_code is None:
+            return
+        exit_code = 128 + signal.SIGKILL if exit_code == -signal.SIGKILL else exit_code
+        reason = reason or ("Completed" if exit_code == 0 else "Error")
+        self.core.patch_namespaced_pod_status(state["pod"], NAMESPACE, {"status": {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [{"name": "trainer", "image": "", "imageID": "", "ready": False, "restartCount": 0,
+                                   "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}]}})
+        if exit_code == 0:
+            return self._finish(name, state, "Complete", None, None)
+        state["failures"] += 1
+        if state["failures"] > job.spec.backoff_limit:
+            return self._finish(name, state, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        self._start_pod(name)
+
+    def _finish(self, name, state, condition, reason, message):
+        state["done"] = True
+        self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": {
+            "active": 0, "failed": state["failures"], "succeeded": int(condition == "Complete"),
+            "conditions": [{"type": condition, "status": "True", "reason": reason, "message": message,
+                            "lastTransitionTime": _now()}]}})
+
+    @staticmethod
+    def _kill(state):
+        process = state["process"]
+        if process and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def cluster(ilf_env, local_registry, monkeypatch):
+    from kubernetes import client
+    emulator = Emulator()
+    monkeypatch.setenv("ILF_TRAINING_LAUNCHER", "kubernetes")
+    monkeypatch.setenv("ILF_TRAINING_K8S_API", emulator.url)
+    monkeypatch.setenv("ILF_TRAINING_K8S_NAMESPACE", NAMESPACE)
+    monkeypatch.setenv("ILF_TRAINING_K8S_IMAGE", "registry.example/ilf:test")
+    monkeypatch.setenv("ILF_TRAINING_K8S_SECRET", "ilf-s3")
+    monkeypatch.setenv("ILF_TRAINING_K8S_MEMORY", "4Gi")
+    monkeypatch.setenv("ILF_TRAINING_K8S_BACKOFF_LIMIT", "0")
+    configuration = client.Configuration()
+    configuration.host = emulator.url
+    client.CoreV1Api(client.ApiClient(configuration)).create_namespaced_secret(NAMESPACE, {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ilf-s3", "namespace": NAMESPACE},
+        "stringData": {"ILF_S3_ACCESS_KEY": "from-the-secret"}})
+    kubelet = FakeKubelet(emulator.url, ilf_env)
+    base = local_registry.ensure_base(os.environ["ILF_BASE_MODEL"])
+    dataset = put_dataset(local_registry.store, RECORDS, name="triples")
+    yield {"kubelet": kubelet, "registry": local_registry, "store": local_registry.store, "base": base.version,
+           "dataset": dataset}
+    kubelet.close()
+    emulator.close()
+
+
+def manager():
+    from ilf.store import open_store
+    from services.training.launchers import make_launcher
+    from services.training.runs import RunManager
+    runs = RunManager(open_store(), make_launcher(), poll_s=0.2)
+    runs.start()
+    return runs
+
+
+def wait_until(runs, run_id, states, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = runs.get(run_id)
+        if run["state"] in states:
+            return run
+        time.sleep(0.2)
+    raise TimeoutError(f"{run_id} is {runs.get(run_id)['state']}")
+
+
+FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def test_a_real_trainer_run_goes_through_a_kubernetes_job(cluster, monkeypatch):
+    import kubernetes_validate
+    monkeypatch.setenv("ILF_TRAINING_K8S_GPUS", "1")
+    runs = manager()
+    try:
+        run = runs.submit(cluster["dataset"], cluster["base"], SMALL, "refinement")
+        final = wait_until(runs, run["run_id"], FINAL)
+    finally:
+        runs.stop()
+    assert final["state"] == "SUCCEEDED", final["error"]
+    record = cluster["registry"].get(final["output_model_version"])
+    assert record.kind == "lora" and record.lineage["purpose"] == "refinement"
+
+    (job,) = cluster["kubelet"].seen_manifests
+    manifest = cluster["kubelet"].batch.api_client.sanitize_for_serialization(job)
+    kubernetes_validate.validate(manifest, "1.32", strict=True)
+    spec, container = job.spec, job.spec.template.spec.containers[0]
+    assert job.metadata.labels["ilf.run-id"] == run["run_id"] == spec.template.metadata.labels["ilf.run-id"]
+    assert container.image == "registry.example/ilf:test"
+    assert container.command[1:4] == ["-m", "trainer", "--store"] and run["run_id"] in container.command
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert container.env_from[0].secret_ref.name == "ilf-s3"
+    assert spec.backoff_limit == 0 and spec.active_deadline_seconds == 86400 and spec.ttl_seconds_after_finished > 0
+    assert spec.template.spec.restart_policy == "Never"
+
+
+def test_crash_in_the_pod_fails_the_run_with_the_exit_code(cluster):
+    cluster["store"].put("datasets/broken.jsonl", b"not json\n")
+    runs = manager()
+    try:
+        run = runs.submit("datasets/broken.jsonl", cluster["base"], SMALL)
+        final = wait_until(runs, run["run_id"], FINAL)
+    finally:
+        runs.stop()
+    assert final["state"] == "FAILED"
+    assert "BackoffLimitExceeded" in final["error"] and "exit code 1" in final["error"]
+    assert "JSONDecodeError" in final["error"]
+
+
+def test_pod_over_its_memory_limit_is_oom_killed(cluster, monkeypatch):
+    monkeypatch.setenv("ILF_TRAINING_K8S_MEMORY", "150Mi")  # less than the trainer needs to import torch
+    runs = manager()
+    try:
+        run = runs.submit(cluster["dataset"], cluster["base"], SMALL)
+        final = wait_until(runs, run["run_id"], FINAL)
+    finally:
+        runs.stop()
+    assert final["state"] == "FAILED" and "OOMKilled" in final["error"] and "137" in final["error"]
+    assert cluster["registry"].serving_version("generation") is None  # nothing served was touched
+
+
+def test_job_past_its_deadline_fails_the_run(cluster, monkeypatch):
+    monkeypatch.setenv("ILF_TRAINING_DEADLINE_S", "3")
+    runs = manager()
+    try:
+        run = runs.submit(cluster["dataset"], cluster["base"], LONG)
+        final = wait_until(runs, run["run_id"], FINAL)
+    finally:
+        runs.stop()
+    assert final["state"] == "FAILED" and "DeadlineExceeded" in final["error"]
+
+
+def test_cancel_deletes_the_job(cluster):
+    from kubernetes.client.exceptions import ApiException
+    runs = manager()
+    try:
+        run = runs.submit(cluster["dataset"], cluster["base"], LONG)
+        wait_until(runs, run["run_id"], ("RUNNING",))
+        assert runs.cancel(run["run_id"])["state"] == "CANCELLED"
+    finally:
+        runs.stop()
+    job = runs.get(run["run_id"])["handle"]["job"]
+    with pytest.raises(ApiException) as caught:
+        cluster["kubelet"].batch.read_namespaced_job(job, NAMESPACE)
+    assert caught.value.status == 404
+
+
+def test_restarted_service_keeps_watching_the_job(cluster):
+    first = manager()
+    run = first.submit(cluster["dataset"], cluster["base"], {**SMALL, "epochs": 3})
+    wait_until(first, run["run_id"], ("RUNNING",))
+    first.stop()
+    second = manager()  # a new service process reads the run back from the store
+    try:
+        final = wait_until(second, run["run_id"], FINAL)
+    finally:
+        second.stop()
+    assert final["state"] == "SUCCEEDED", final["error"]
+    assert len(cluster["kubelet"].seen_manifests) == 1  # the same Job, not a second one
