@@ -131,11 +131,12 @@ def test_full_queue_is_resource_exhausted(base_model):
     from ilf.errors import ResourceExhausted
     engine = Engine(max_rows=1, max_queue=2)
     try:
-        running = [engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400)) for _ in range(3)]
+        running = engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400))
+        next(iter(running))   # admitted: the next two wait in the queue
+        waiting = [engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400)) for _ in range(2)]
         with pytest.raises(ResourceExhausted, match="queue is full"):
-            for _ in range(3):
-                running.append(engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400)))
-        for handle in running:
+            engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400))
+        for handle in [running, *waiting]:
             handle.cancel()
     finally:
         engine.stop()
@@ -304,3 +305,29 @@ def test_concurrent_requests_share_batches(served):
     assert len(replies) == 6
     # 6 requests of 30 tokens each, one after another, would take about 180 steps
     assert engine.steps - steps_before < 120
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_matches_transformers_and_seeds_hold(ilf_env, monkeypatch):
+    """The engine on SmolLM2-135M-Instruct: greedy equals transformers generate, seeds survive batching."""
+    import os
+    from ilf import data, prompts
+    monkeypatch.setenv("ILF_MODEL_CACHE", os.path.expanduser("~/.cache/ilf/models"))  # reuse the conversion
+    from ilf.registry import Registry
+    from ilf.store import open_store
+    registry = Registry(open_store())
+    loaded = load_version(registry, registry.ensure_base("embedded:smollm2-135m-instruct").version)
+    prompt = prompts.mbpp_prompt(data.task(11))
+    engine = Engine(max_rows=32, max_queue=4)
+    try:
+        expected = sample(loaded, prompt, n=1, max_new_tokens=48)[0]
+        greedy = engine.submit(loaded, prompt, Settings(n=1, max_new_tokens=48)).result()[0]
+        assert greedy.text == expected.text and "return" in greedy.text
+        settings = Settings(n=4, temperature=0.8, max_new_tokens=32, seed=3)
+        alone = [s.text for s in engine.submit(loaded, prompt, settings).result()]
+        neighbour = engine.submit(loaded, prompts.mbpp_prompt(data.task(12)), Settings(n=6, temperature=0.8,
+                                                                                         max_new_tokens=40))
+        assert [s.text for s in engine.submit(loaded, prompt, settings).result()] == alone
+        neighbour.result()
+    finally:
+        engine.stop()

@@ -154,7 +154,9 @@ def test_hot_swap_under_load(ilf_env, monkeypatch, local_registry, tiny_model_di
                 continue
             assert stub.SwitchModel(generation_pb2.SwitchModelRequest(model_version=version)).serving_version \
                 == version
+            deadline = time.monotonic() + 60
             while not any(v == version for c in seen.values() for _, v, _, _ in c):
+                assert time.monotonic() < deadline and not failures, f"no response on {version}: {failures}"
                 time.sleep(0.01)
             first = min(t for c in seen.values() for t, v, _, _ in c if v == version)
             swap_latency.append(first - asked)

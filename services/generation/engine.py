@@ -113,7 +113,7 @@ class Engine:
 
     @property
     def active_rows(self) -> int:
-        return sum(len(b.rows) for b in self._batches.values())
+        return sum(len(b.rows) for b in list(self._batches.values()))
 
     @property
     def queued(self) -> int:
