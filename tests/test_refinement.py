@@ -1,0 +1,65 @@
+"""The refinement service's plain functions with the tiny model."""
+import pytest
+
+from ilf import data, prompts
+from ilf.errors import InvalidArgument, NotFound
+from services.refinement.refiner import Refiner, TaskSpec, task_prompt
+
+
+@pytest.fixture
+def refiner(local_registry):
+    refiner = Refiner(local_registry)
+    refiner.switch(refiner.start_version())
+    return refiner
+
+
+def test_task_prompt_from_id_or_from_fields():
+    task = data.task(11)
+    assert task_prompt(TaskSpec(task_id=11)) == prompts.mbpp_prompt(task)
+    by_value = TaskSpec(text="Add.", tests=("assert add(1, 2) == 3",), code_prefix="def add(a, b):")
+    assert task_prompt(by_value).endswith("def add(a, b):")
+    with pytest.raises(NotFound):
+        task_prompt(TaskSpec(task_id=9999))
+    with pytest.raises(InvalidArgument, match="code_prefix"):
+        task_prompt(TaskSpec(text="Add.", tests=("assert add(1, 2) == 3",)))
+
+
+def test_refine_builds_the_paper_prompt_and_returns_whole_programs(refiner, local_registry):
+    note = data.annotations("train")[0]
+    refined, prompt, version = refiner.refine(TaskSpec(task_id=note.task_id), note.failing_program, note.feedback,
+                                              n=3, temperature=0.8, max_new_tokens=8, seed=7)
+    gen_prompt = prompts.mbpp_prompt(data.task(note.task_id))
+    assert prompt.startswith("OLD CODE:\n") and f"\n\nFEEDBACK:\n{note.feedback}\n\nREFINEMENT:\n" in prompt
+    assert prompt.endswith(gen_prompt)
+    assert len(refined) == 3 and all(r.program.startswith(gen_prompt) for r in refined)
+    assert all(r.sample.generated_tokens <= 8 for r in refined)
+    assert version == local_registry.serving_version("refinement")
+    again, _, _ = refiner.refine(TaskSpec(task_id=note.task_id), note.failing_program, note.feedback,
+                                 n=3, temperature=0.8, max_new_tokens=8, seed=7)
+    assert [r.program for r in again] == [r.program for r in refined]  # same seed, same output
+
+
+def test_old_code_is_truncated_to_512_tokens(refiner):
+    long_program = "def f():\n" + "    x = 1\n" * 2000
+    _, prompt, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", max_new_tokens=1)
+    old_code = prompt.split("\n\nFEEDBACK:\n")[0].removeprefix("OLD CODE:\n")
+    assert len(refiner.loaded.tokenizer(old_code, add_special_tokens=False)["input_ids"]) <= 513
+    assert long_program.startswith(old_code[:100])
+
+
+@pytest.mark.parametrize("program, feedback, n, message", [
+    ("", "fix it", 1, "failing_program is empty"),
+    ("def f(): pass", "  ", 1, "feedback is empty"),
+    ("def f(): pass", "fix it", 0, "n must be between 1 and 64"),
+    ("def f(): pass", "x" * 9000, 1, "feedback is longer"),
+])
+def test_bad_requests_are_refused(refiner, program, feedback, n, message):
+    with pytest.raises(InvalidArgument, match=message):
+        refiner.refine(TaskSpec(task_id=11), program, feedback, n=n, max_new_tokens=4)
+
+
+def test_a_failed_switch_keeps_the_serving_version(refiner):
+    current = refiner.loaded.version
+    with pytest.raises(NotFound):
+        refiner.switch("v-does-not-exist")
+    assert refiner.loaded.version == current
