@@ -1,0 +1,1 @@
+"""Feedback service: natural-language feedback on failing programs, checked through execution, stored, exported."""

@@ -1,0 +1,109 @@
+"""Checks on feedback before it is stored: sizes, the task, and the program's and refinement's test results.
+
+Programs run through the execution service (gRPC); this service never runs code itself.
+"""
+from __future__ import annotations
+
+import grpc
+
+from ilf import data
+from ilf.errors import FailedPrecondition, IlfError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ilf.v1 import execution_pb2, execution_pb2_grpc
+from services.feedback.records import TestSummary
+
+MAX_FEEDBACK_CHARS = 8000
+MAX_PROGRAM_CHARS = 64000
+MAX_ANNOTATOR_CHARS = 200
+EXECUTION_CALL_S = 120.0
+
+# Upstream statuses that describe the caller's request pass through; any other means the upstream failed.
+_PASSED_THROUGH = {cls.code_name: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted)}
+
+
+def upstream_error(service: str, error: grpc.RpcError) -> IlfError:
+    """The IlfError to answer with when a call to another service fails."""
+    kind = _PASSED_THROUGH.get(error.code().name, Unavailable)
+    return kind(f"the {service} service answered {error.code().name}: {error.details()}")
+
+
+def check_text(name: str, value: str, limit: int, *, required: bool = True) -> None:
+    if required and not value.strip():
+        raise InvalidArgument(f"{name} is empty")
+    if len(value) > limit:
+        raise InvalidArgument(f"{name} is longer than {limit} characters ({len(value)})")
+
+
+def task_of(task_id: int) -> data.MBPPTask:
+    try:
+        return data.task(task_id)
+    except KeyError:
+        raise NotFound(f"MBPP has no task {task_id}") from None
+
+
+def failure_of(result: execution_pb2.ExecuteResponse) -> str:
+    """The first reason the program did not pass, in one line."""
+    if result.error_type:
+        return f"the program did not load: {result.error_type}: {result.error_message}".strip()
+    for test in result.tests:
+        if test.verdict != execution_pb2.VERDICT_PASSED:
+            verdict = execution_pb2.Verdict.Name(test.verdict).removeprefix("VERDICT_")
+            detail = ": ".join(p for p in (test.error_type, test.error_message) if p)
+            return f"test {test.index + 1}: {verdict}" + (f" {detail}" if detail else "")
+    return ""
+
+
+class FeedbackChecks:
+    """Runs programs against their task's tests through an Execution stub and rejects bad submissions."""
+
+    def __init__(self, execution: execution_pb2_grpc.ExecutionStub):
+        self.execution = execution
+
+    def _run_async(self, task: data.MBPPTask, program: str):
+        request = execution_pb2.ExecuteRequest(program=program, test_setup_code=task.test_setup_code,
+                                               tests=list(task.tests))
+        return self.execution.Execute.future(request, timeout=EXECUTION_CALL_S)
+
+    @staticmethod
+    def _result(call) -> execution_pb2.ExecuteResponse:
+        try:
+            return call.result()
+        except grpc.RpcError as error:
+            raise upstream_error("execution", error) from None
+
+    def failing_run(self, task: data.MBPPTask, program: str) -> execution_pb2.ExecuteResponse:
+        """The program's results; INVALID_ARGUMENT when it passes (feedback is for failing programs)."""
+        check_text("program", program, MAX_PROGRAM_CHARS)
+        return self._require_failure(task, self._result(self._run_async(task, program)))
+
+    @staticmethod
+    def _require_failure(task: data.MBPPTask, result: execution_pb2.ExecuteResponse) -> execution_pb2.ExecuteResponse:
+        if result.passed:
+            raise InvalidArgument(f"the program passes all {len(task.tests)} tests of task {task.task_id}: "
+                                  "feedback is for programs that fail them")
+        return result
+
+    def check_submission(self, task_id: int, program: str, feedback: str, annotator_id: str,
+                         human_refinement: str) -> TestSummary:
+        """Raises NOT_FOUND or INVALID_ARGUMENT with the reason; returns the test results to store."""
+        check_text("feedback", feedback, MAX_FEEDBACK_CHARS)
+        check_text("annotator_id", annotator_id, MAX_ANNOTATOR_CHARS)
+        check_text("program", program, MAX_PROGRAM_CHARS)
+        check_text("human_refinement", human_refinement, MAX_PROGRAM_CHARS, required=False)
+        task = task_of(task_id)
+        # Program and refinement run at the same time.
+        program_call = self._run_async(task, program)
+        refinement_call = self._run_async(task, human_refinement) if human_refinement.strip() else None
+        result = self._require_failure(task, self._result(program_call))
+        if refinement_call:
+            refined = self._result(refinement_call)
+            if not refined.passed:
+                raise InvalidArgument(f"the human refinement does not pass the tests of task {task_id}: "
+                                      f"{failure_of(refined)}")
+        return summary_of(task, result, refinement_passed=refinement_call is not None)
+
+
+def summary_of(task: data.MBPPTask, result: execution_pb2.ExecuteResponse, *,
+               refinement_passed: bool = False) -> TestSummary:
+    return TestSummary(checked=True, tests_total=len(task.tests),
+                       tests_passed=sum(t.verdict == execution_pb2.VERDICT_PASSED for t in result.tests),
+                       failure=failure_of(result), refinement_passed=refinement_passed)
