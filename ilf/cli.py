@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ilf import config
 
-SERVICE_NAMES = ("generation", "refinement", "execution", "training")
+SERVICE_NAMES = ("generation", "refinement", "execution", "training", "feedback")
 
 
 def _round_settings(args):

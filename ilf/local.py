@@ -10,7 +10,7 @@ from pathlib import Path
 from ilf import config
 from ilf.grpc_util import wait_healthy
 
-SERVICES = ("execution", "generation", "refinement", "training")
+SERVICES = ("execution", "generation", "refinement", "training", "feedback")
 
 
 class LocalServices:
