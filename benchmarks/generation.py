@@ -51,18 +51,17 @@ def flops_per_token(model, context: int) -> float:
     return 2 * params + attention
 
 
-def transformers_baseline(loaded, prompt_texts: list[str], samples: int, max_new_tokens: int) -> tuple[int, float]:
+def transformers_baseline(loaded, prompt: str, samples: int, max_new_tokens: int) -> tuple[int, float]:
     tokenizer, eos = loaded.tokenizer, set(eos_token_ids(loaded.tokenizer))
     tokens, started = 0, time.perf_counter()
-    for text in prompt_texts:
-        inputs = tokenizer(text, return_tensors="pt")
-        with torch.inference_mode():
-            out = loaded.model.generate(**inputs, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
-                                        num_return_sequences=samples, max_new_tokens=max_new_tokens,
-                                        eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-            ended = next((i for i, t in enumerate(row) if t in eos), None)
-            tokens += len(row) if ended is None else ended + 1   # the end-of-text token counts, as in the service
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = loaded.model.generate(**inputs, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
+                                    num_return_sequences=samples, max_new_tokens=max_new_tokens,
+                                    eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id)
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        ended = next((i for i, t in enumerate(row) if t in eos), None)
+        tokens += len(row) if ended is None else ended + 1   # the end-of-text token counts, as in the service
     return tokens, time.perf_counter() - started
 
 
@@ -163,14 +162,9 @@ def main(argv=None) -> None:
     loaded = load_version(registry, base)
     print(f"torch threads: {torch.get_num_threads()}; matmul rate: {rate:.1f} GFLOP/s (fp32, 1024x1024)")
 
-    tokens, seconds = transformers_baseline(loaded, prompt_texts, args.samples, args.max_new_tokens)
-    baseline = tokens / seconds
-    print(f"A transformers generate(num_return_sequences={args.samples}): {tokens} tokens in {seconds:.1f} s "
-          f"= {baseline:.1f} tokens/s")
     mean_prompt = sum(len(loaded.tokenizer(p)["input_ids"]) for p in prompt_texts) / len(prompt_texts)
     flops = flops_per_token(loaded.model, int(mean_prompt + args.max_new_tokens / 2))
     make_lora(registry, base, resolve_source(MODEL), "bench-lora-r8")
-    del loaded
 
     env = {**os.environ, "ILF_GENERATION_PORT": str(args.port), "ILF_GENERATION_MODEL": base}
     service = subprocess.Popen([sys.executable, "-m", "services.generation"], env=env,
@@ -181,9 +175,19 @@ def main(argv=None) -> None:
         wait_healthy(address, timeout_s=600)
         stub = generation_pb2_grpc.GenerationStub(channel(address))
         stub.Generate(request(prompt_texts[0], 2, 4, 0))   # warm-up
-        tokens, seconds = timed(stub, [request(p, args.samples, args.max_new_tokens, i)
-                                       for i, p in enumerate(prompt_texts)], concurrent=False)
-        service_rate = tokens / seconds
+        # Prompt by prompt, baseline then service, so other load on the machine hits both alike.
+        totals = {"transformers": [0, 0.0], "service": [0, 0.0]}
+        for i, prompt in enumerate(prompt_texts):
+            for name, (tokens, seconds) in (
+                    ("transformers", transformers_baseline(loaded, prompt, args.samples, args.max_new_tokens)),
+                    ("service", timed(stub, [request(prompt, args.samples, args.max_new_tokens, i)], False))):
+                totals[name][0] += tokens
+                totals[name][1] += seconds
+        del loaded
+        (base_tokens, base_seconds), (tokens, seconds) = totals["transformers"], totals["service"]
+        baseline, service_rate = base_tokens / base_seconds, tokens / seconds
+        print(f"A transformers generate(num_return_sequences={args.samples}): {base_tokens} tokens in "
+              f"{base_seconds:.1f} s = {baseline:.1f} tokens/s")
         print(f"A service (gRPC, n={args.samples} per request): {tokens} tokens in {seconds:.1f} s "
               f"= {service_rate:.1f} tokens/s")
         print(f"generation ratio vs transformers: {service_rate / baseline:.2f}")

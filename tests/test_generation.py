@@ -212,7 +212,6 @@ def test_load_switch_rollback(served, local_registry, tiny_model_dir, tmp_path):
 
 
 def test_full_version_and_failed_loads_keep_serving(served, local_registry, tiny_model_dir, tmp_path):
-    from conftest import build_tiny_model
     from transformers import AutoConfig
     server, stub = served
     base = stub.GetModelStatus(generation_pb2.GetModelStatusRequest()).serving_version
@@ -229,10 +228,9 @@ def test_full_version_and_failed_loads_keep_serving(served, local_registry, tiny
         stub.SwitchModel(generation_pb2.SwitchModelRequest(model_version="lora-corrupt"))
     assert error.value.code() == grpc.StatusCode.DATA_LOSS and "still serving full-a" in error.value.details()
     # wrong base: an adapter trained on a model of another shape
-    other = build_tiny_model(tmp_path / "other-model")
-    assert AutoConfig.from_pretrained(other).hidden_size == 32
+    assert AutoConfig.from_pretrained(tiny_model_dir).hidden_size == 32
     bigger = tmp_path / "bigger"
-    _bigger_model(other, bigger)
+    _bigger_model(tiny_model_dir, bigger)
     make_lora(local_registry, base, bigger, tmp_path / "lora-wrong", "lora-wrong-base", seed=3)
     with pytest.raises(grpc.RpcError) as error:
         stub.SwitchModel(generation_pb2.SwitchModelRequest(model_version="lora-wrong-base"))
