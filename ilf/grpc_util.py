@@ -11,16 +11,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ilf import config
-from ilf.errors import IlfError
+from ilf import auth, config, tls
+from ilf.errors import IlfError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+
+def channel_options() -> list[tuple[str, int]]:
+    """Larger messages are refused with RESOURCE_EXHAUSTED before any handler runs."""
+    limit = int(config.get("ILF_GRPC_MAX_MESSAGE_BYTES"))
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
 def _abort(context: grpc.ServicerContext, error: Exception):
@@ -30,8 +30,30 @@ def _abort(context: grpc.ServicerContext, error: Exception):
     context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
+class _Unparsable:
+    """Stands in for a request protobuf could not parse, so it gets INVALID_ARGUMENT, not gRPC's INTERNAL."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - DecodeError, or anything else protobuf raises
+            return _Unparsable(error)
+    return parse if deserializer else None
+
+
+def _parsed(request):
+    if isinstance(request, _Unparsable):
+        raise InvalidArgument(f"the request could not be parsed (strings must be valid UTF-8): {request.error}")
+    return request
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns the plain functions' exceptions into gRPC statuses with their message."""
+    """Turns the plain functions' exceptions, and unparsable requests, into gRPC statuses with their message."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -42,42 +64,48 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 try:
-                    return inner(request, context)
+                    return inner(_parsed(request), context)
                 except Exception as error:  # noqa: BLE001 - every error becomes a status
                     if isinstance(error, grpc.RpcError) or context.code() is not None:
                         raise
                     _abort(context, error)
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer)
+                unary, _tolerant(handler.request_deserializer), handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             def stream(request, context):
                 try:
-                    yield from inner_stream(request, context)
+                    yield from inner_stream(_parsed(request), context)
                 except Exception as error:  # noqa: BLE001
                     if isinstance(error, grpc.RpcError) or context.code() is not None:
                         raise
                     _abort(context, error)
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer)
+                stream, _tolerant(handler.request_deserializer), handler.response_serializer)
         return handler
 
 
 class Server:
-    """A gRPC server with health checking, reflection and the error interceptor."""
+    """A gRPC server with health checking, reflection, authentication, TLS and the error interceptor."""
 
     def __init__(self, service_names: Iterable[str], port: int, *, host: str | None = None,
                  max_workers: int = 32, interceptors: Iterable[grpc.ServerInterceptor] = ()):
         self.service_names = list(service_names)
+        host = host or config.get("ILF_BIND_HOST")
+        credentials = tls.server_credentials()
+        # Checked first, so a refused call never reaches (or parses for) the service.
+        authenticate = [checker] if (checker := auth.server_interceptor(host)) else []
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=[*interceptors, ErrorInterceptor()], options=CHANNEL_OPTIONS)
+            interceptors=[*authenticate, *interceptors, ErrorInterceptor()], options=channel_options())
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server)
-        self.port = self.grpc_server.add_insecure_port(f"{host or config.get('ILF_BIND_HOST')}:{port}")
+        address = f"{host}:{port}"
+        self.port = (self.grpc_server.add_secure_port(address, credentials) if credentials
+                     else self.grpc_server.add_insecure_port(address))
         self.set_serving(False)
 
     def add(self, add_to_server: Callable, servicer) -> None:
@@ -106,7 +134,11 @@ class Server:
 
 
 def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel with the TLS and bearer token the settings give (ILF_TLS_*, ILF_AUTH_TOKEN)."""
+    credentials = tls.channel_credentials()
+    plain = (grpc.secure_channel(address, credentials, options=channel_options()) if credentials
+             else grpc.insecure_channel(address, options=channel_options()))
+    return auth.client_channel(plain)
 
 
 def wait_healthy(address: str, timeout_s: float = 120.0, service: str = "") -> None:

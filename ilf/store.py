@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from ilf import config
-from ilf.errors import AlreadyExists, IlfError, NotFound
+from ilf.errors import AlreadyExists, IlfError, NotFound, Unavailable
 
 MANIFEST = "MANIFEST.json"
 
@@ -144,45 +144,78 @@ class LocalStore(ArtifactStore):
         )
 
 
+# S3 error codes that say "try again", as opposed to answers about the object itself.
+_TRANSIENT_S3_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServerError")
+
+
 class S3Store(ArtifactStore):
-    """A bucket on S3 or MinIO through the minio SDK."""
+    """A bucket on S3 or MinIO through the minio SDK; each request is retried while the server is unreachable.
+
+    Retrying one request is safe: every write is a whole object, so a repeated PUT stores the same bytes.
+    """
 
     def __init__(self, bucket: str, endpoint: str, access_key: str, secret_key: str, *,
-                 secure: bool = False, region: str = "us-east-1", prefix: str = ""):
+                 secure: bool = False, region: str = "us-east-1", prefix: str = "", retry_s: float | None = None):
         from minio import Minio
         from minio.error import S3Error
         self._s3_error = S3Error
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
-        self.bucket = bucket
+        self.bucket, self.endpoint = bucket, endpoint
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}"
-        if not self.client.bucket_exists(bucket):
-            self.client.make_bucket(bucket)
+        self.retry_s = float(config.get("ILF_S3_RETRY_S")) if retry_s is None else retry_s
+        if not self._retrying(lambda: self.client.bucket_exists(bucket)):
+            self._retrying(lambda: self.client.make_bucket(bucket))
 
     def _key(self, key: str) -> str:
         return self.prefix + key
 
+    def _transient(self, error: Exception) -> bool:
+        from minio.error import ServerError
+        from urllib3.exceptions import HTTPError
+        if isinstance(error, self._s3_error):
+            return error.code in _TRANSIENT_S3_CODES
+        return isinstance(error, (ServerError, HTTPError, ConnectionError, TimeoutError))
+
+    def _retrying(self, operation):
+        """operation(), retried with exponential backoff for up to retry_s while the server is unreachable."""
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.25
+        while True:
+            try:
+                return operation()
+            except Exception as error:  # noqa: BLE001 - sorted by _transient
+                if not self._transient(error):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"object store {self.endpoint} unreachable for "
+                                      f"{self.retry_s:.0f} s: {type(error).__name__}: {error}") from error
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
     def put(self, key, data, *, overwrite=False):
         if not overwrite and self.exists(key):
             raise AlreadyExists(f"artifact {key} already exists and artifacts are immutable")
-        self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
+        self._retrying(lambda: self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data)))
 
     def get(self, key):
-        try:
+        def read():
             response = self.client.get_object(self.bucket, self._key(key))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        try:
+            return self._retrying(read)
         except self._s3_error as error:
             if error.code in ("NoSuchKey", "NoSuchObject"):
                 raise NotFound(f"artifact {key} does not exist") from None
             raise
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
 
     def exists(self, key):
         try:
-            self.client.stat_object(self.bucket, self._key(key))
+            self._retrying(lambda: self.client.stat_object(self.bucket, self._key(key)))
             return True
         except self._s3_error as error:
             if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
@@ -190,8 +223,10 @@ class S3Store(ArtifactStore):
             raise
 
     def list(self, prefix):
-        objects = self.client.list_objects(self.bucket, prefix=self._key(prefix), recursive=True)
-        return sorted(o.object_name[len(self.prefix):] for o in objects)
+        def names():
+            return [o.object_name for o in self.client.list_objects(self.bucket, prefix=self._key(prefix),
+                                                                    recursive=True)]
+        return sorted(name[len(self.prefix):] for name in self._retrying(names))
 
 
 def open_store(url: str | None = None) -> ArtifactStore:
