@@ -9,7 +9,9 @@ _TOP_LEVEL_LINE = re.compile(r"\n(?=[A-Za-z#'\"])")
 _CALLED_NAME = re.compile(r"([A-Za-z_]\w*)\s*\(")
 
 END_OF_TEXT = "<|endoftext|>"
-REFINEMENT_OLD_CODE_TOKENS = 512
+# The paper cuts the old code to 512 tokens so the prompt fits 1024. Cutting by characters (about four
+# per token of Python) lets clients without a tokenizer build the very prompt the service samples from.
+REFINEMENT_OLD_CODE_CHARS = 2048
 
 
 def entry_point(tests: list[str] | tuple[str, ...], program: str) -> str:
@@ -22,21 +24,22 @@ def entry_point(tests: list[str] | tuple[str, ...], program: str) -> str:
     raise ValueError(f"the tests call no function the program defines: {tests[:1]}")
 
 
-def code_prefix(gold_program: str, function_name: str) -> str:
-    """The gold program up to and including the target function's `def` line.
-
-    Like the authors' code, this keeps any imports or helpers written before it.
-    """
+def split_gold(gold_program: str, function_name: str) -> tuple[str, str]:
+    """(code prefix, body): the gold program up to and including the target function's `def` line
+    (keeping any imports or helpers before it, as the authors' code does), and the rest."""
     lines = gold_program.replace("\r\n", "\n").split("\n")
     for i, line in enumerate(lines):
         if re.match(rf"\s*def\s+{re.escape(function_name)}\s*\(", line):
-            header = [line]
-            j = i
-            while not header[-1].rstrip().endswith(":") and j + 1 < len(lines):
-                j += 1
-                header.append(lines[j])
-            return "\n".join(lines[:i] + [h.rstrip() for h in header])
+            end = i
+            while not lines[end].rstrip().endswith(":") and end + 1 < len(lines):
+                end += 1  # a signature spread over several lines
+            prefix = "\n".join(lines[:i] + [h.rstrip() for h in lines[i:end + 1]])
+            return prefix, "\n".join(lines[end + 1:])
     raise ValueError(f"no `def {function_name}` in the gold program")
+
+
+def code_prefix(gold_program: str, function_name: str) -> str:
+    return split_gold(gold_program, function_name)[0]
 
 
 def example_line(first_test: str) -> str:
@@ -59,7 +62,8 @@ def generation_prompt(text: str, tests: list[str] | tuple[str, ...], prefix: str
 
 def refinement_prompt(failing_program: str, feedback: str, gen_prompt: str) -> str:
     """The paper's refinement prompt; the model continues with the repaired body."""
-    return f"OLD CODE:\n{failing_program}\n\nFEEDBACK:\n{feedback}\n\nREFINEMENT:\n{gen_prompt}"
+    old_code = failing_program[:REFINEMENT_OLD_CODE_CHARS]
+    return f"OLD CODE:\n{old_code}\n\nFEEDBACK:\n{feedback.strip()}\n\nREFINEMENT:\n{gen_prompt}"
 
 
 def truncate_completion(completion: str) -> str:
@@ -77,6 +81,12 @@ def mbpp_prompt(task, *, strip: bool = True) -> str:
     """Generation prompt of an MBPP task (ilf.data.MBPPTask), its code prefix taken from the gold program."""
     prefix = code_prefix(task.code, entry_point(task.tests, task.code))
     return generation_prompt(task.text, task.tests, prefix, strip=strip)
+
+
+def gold_program(task) -> str:
+    """The gold solution written after the task's full (unstripped) generation prompt."""
+    body = split_gold(task.code, entry_point(task.tests, task.code))[1]
+    return mbpp_prompt(task, strip=False) + body
 
 
 def completion_after(program: str, prompt: str) -> str:

@@ -47,6 +47,7 @@ class RoundSettings:
     seed: int = 1234
     timeout_s: float = 3.0           # per program, as in the paper
     switch: bool = True
+    train_refiner: bool = True       # fine-tune pi_Refine on MBPP_Refine before refining (paper)
     promote_margin: float | None = None  # if set: switch only when pass@1 drops by at most this much
 
     def __post_init__(self):
@@ -111,65 +112,83 @@ def evaluate(clients: Clients, tasks: list[data.MBPPTask], settings: RoundSettin
     return evaluation
 
 
-def refine_annotated(clients: Clients, annotations: list[data.Annotation], settings: RoundSettings):
-    """Asks pi_Refine for refinements of each annotated failing program; keeps the passing ones.
+def refine_and_filter(clients: Clients, items: list[tuple[int, str, str]], settings: RoundSettings):
+    """Asks pi_Refine for refinements of (task id, failing program, feedback) items; keeps passing ones.
 
     Returns (one passing refinement per task as training records, statistics).
     """
     programs, refine_version = {}, ""
-    for note in tqdm(annotations, desc="refine", unit="task"):
+    for task_id, failing_program, feedback in tqdm(items, desc="refine", unit="task"):
         reply = clients.refinement.Refine(refinement_pb2.RefineRequest(
-            task=common_pb2.Task(task_id=note.task_id), failing_program=note.failing_program,
-            feedback=note.feedback, params=_params(settings.refine_samples, settings.refine_temperature,
-                                                   settings.max_new_tokens * 2, settings.seed + note.task_id)),
-            timeout=LONG_CALL_S)
+            task=common_pb2.Task(task_id=task_id), failing_program=failing_program, feedback=feedback,
+            params=_params(settings.refine_samples, settings.refine_temperature, settings.max_new_tokens * 2,
+                           settings.seed + task_id)), timeout=LONG_CALL_S)
         refine_version = reply.model_version
         for i, refinement in enumerate(reply.refinements):
-            programs[f"{note.task_id}:{i}"] = (refinement.program, data.task(note.task_id))
+            programs[f"{task_id}:{i}"] = (refinement.program, data.task(task_id))
     verdicts = _execute(clients, programs, settings.timeout_s) if programs else {}
-    records, passing_per_task = [], {}
-    for rid, passed in verdicts.items():
-        task_id = int(rid.split(":")[0])
-        passing_per_task[task_id] = passing_per_task.get(task_id, 0) + passed
+    records, passing_per_task = {}, {}
     for rid, (program, task) in sorted(programs.items()):
-        if verdicts[rid] and not any(r["task_id"] == task.task_id for r in records):
-            records.append(_record(task, program, "refinement", refine_version))
-    stats = {"refinement_model": refine_version, "tasks": len(annotations),
-             "refinements": len(programs), "passing_refinements": int(sum(verdicts.values())),
+        passing_per_task[task.task_id] = passing_per_task.get(task.task_id, 0) + verdicts[rid]
+        if verdicts[rid] and task.task_id not in records:
+            records[task.task_id] = _record(task, program, "refinement", refine_version)
+    stats = {"refinement_model": refine_version, "tasks": len(items), "refinements": len(programs),
+             "passing_refinements": int(sum(verdicts.values())),
              "tasks_with_passing_refinement": sum(1 for c in passing_per_task.values() if c)}
-    return records, stats
+    return list(records.values()), stats
 
 
 def _record(task: data.MBPPTask, program: str, source: str, producer: str = "") -> dict:
-    """A fine-tuning pair: the task's generation prompt and the body that follows it in program."""
+    """A fine-tuning pair for pi_theta: the task's generation prompt and the body that follows it."""
     prompt = prompts.mbpp_prompt(task)
-    full_prompt = prompts.mbpp_prompt(task, strip=False)
-    body_source = program if program.startswith(prompt) else full_prompt + program
-    return {"task_id": task.task_id, "prompt": prompt, "completion": prompts.completion_after(body_source, prompt),
+    return {"task_id": task.task_id, "prompt": prompt, "completion": prompts.completion_after(program, prompt),
             "source": source, "producer": producer}
+
+
+def _human_program(note: data.Annotation) -> str:
+    """The human refinement after the task's prompt rebuilt from MBPP (two annotation rows store a
+    prompt with mangled characters). Where the annotator also edited the prompt (imports, say), only
+    the body can follow our prompt; the round's test filter drops what then fails."""
+    body = (note.refinement_program[len(note.prompt):] if note.refinement_program.startswith(note.prompt)
+            else note.refinement_body)
+    return prompts.mbpp_prompt(data.task(note.task_id), strip=False) + body
+
+
+def refiner_records(annotations: list[data.Annotation]) -> list[dict]:
+    """pi_Refine training pairs (paper: the 44 MBPP_Refine triples): refinement prompt -> human refinement."""
+    records = []
+    for note in annotations:
+        pair = _record(data.task(note.task_id), _human_program(note), "human-refinement", note.annotator)
+        pair["prompt"] = prompts.refinement_prompt(note.failing_program, note.feedback, pair["prompt"])
+        records.append(pair)
+    return records
 
 
 def training_records(settings: RoundSettings, clients: Clients, annotations: list[data.Annotation]):
     if settings.train_on == "refinements":
-        return refine_annotated(clients, annotations, settings)
+        return refine_and_filter(clients, [(a.task_id, a.failing_program, a.feedback) for a in annotations],
+                                 settings)
     if settings.train_on == "human":
-        records = [_record(data.task(a.task_id), a.refinement_program, "human-refinement", a.annotator)
-                   for a in annotations]
+        programs = {str(a.task_id): (_human_program(a), data.task(a.task_id)) for a in annotations}
     else:
-        records = [_record(t, prompts.completion_after(t.code.replace("\r\n", "\n"),
-                                                       prompts.code_prefix(t.code, prompts.entry_point(t.tests, t.code))),
-                           "gold") for t in (data.task(a.task_id) for a in annotations)]
-    return records, {"tasks": len(annotations), "records": len(records)}
+        programs = {str(a.task_id): (prompts.gold_program(data.task(a.task_id)), data.task(a.task_id))
+                    for a in annotations}
+    # Only programs that pass their tests are trained on, whoever wrote them.
+    verdicts = _execute(clients, programs, settings.timeout_s)
+    records = [_record(task, program, settings.train_on) for rid, (program, task) in programs.items() if verdicts[rid]]
+    return records, {"tasks": len(annotations), "records": len(records),
+                     "dropped_failing": len(programs) - len(records)}
 
 
-def train(clients: Clients, dataset: str, base_version: str, settings: RoundSettings) -> training_pb2.Run:
+def train(clients: Clients, dataset: str, base_version: str, settings: RoundSettings,
+          purpose: str = "generation") -> training_pb2.Run:
     """Submits a fine-tuning run and follows it to its end, with a progress bar."""
     run = clients.training.SubmitRun(training_pb2.SubmitRunRequest(
-        dataset=dataset, base_model_version=base_version, purpose="generation",
+        dataset=dataset, base_model_version=base_version, purpose=purpose,
         hyperparameters=training_pb2.Hyperparameters(
             method=settings.method, learning_rate=settings.learning_rate, epochs=settings.epochs,
             batch_size=settings.batch_size, seed=settings.seed)), timeout=60)
-    bar = tqdm(desc=f"train {run.run_id}", unit="step")
+    bar = tqdm(desc=f"train {purpose} ({run.run_id})", unit="step")
     try:
         for run in clients.training.WatchRun(training_pb2.GetRunRequest(run_id=run.run_id), timeout=6 * 3600):
             bar.total = run.progress.total_steps or None
@@ -184,6 +203,18 @@ def train(clients: Clients, dataset: str, base_version: str, settings: RoundSett
     return run
 
 
+def train_refiner(clients: Clients, store: ArtifactStore, settings: RoundSettings, tag: str) -> dict:
+    """Fine-tunes pi_Refine on the MBPP_Refine triples and makes the refinement service serve it."""
+    base = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60).serving_version
+    records = refiner_records(data.annotations("refine"))
+    dataset = datasets.put_dataset(store, records, name=f"{tag}-refiner")
+    run = train(clients, dataset, base, settings, purpose="refinement")
+    clients.refinement.SwitchModel(refinement_pb2.RefinementSwitchRequest(model_version=run.output_model_version),
+                                   timeout=LONG_CALL_S)
+    return {"base_version": base, "model_version": run.output_model_version, "dataset": dataset,
+            "examples": len(records), "run_id": run.run_id}
+
+
 def run_round(settings: RoundSettings, clients: Clients, store: ArtifactStore) -> dict:
     started = time.monotonic()
     round_id = f"round-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
@@ -193,6 +224,8 @@ def run_round(settings: RoundSettings, clients: Clients, store: ArtifactStore) -
 
     before = evaluate(clients, eval_tasks, settings, label="evaluate serving model")
     report["before"] = _evaluation_summary(before)
+    if settings.train_on == "refinements" and settings.train_refiner:
+        report["refiner"] = train_refiner(clients, store, settings, round_id)
     records, report["data"] = training_records(settings, clients, annotations)
     if not records:
         report["outcome"] = "no passing refinement: nothing to train, the serving model is unchanged"

@@ -39,12 +39,12 @@ def test_refine_builds_the_paper_prompt_and_returns_whole_programs(refiner, loca
     assert [r.program for r in again] == [r.program for r in refined]  # same seed, same output
 
 
-def test_old_code_is_truncated_to_512_tokens(refiner):
+def test_old_code_is_truncated_so_the_prompt_fits_1024_tokens(refiner):
     long_program = "def f():\n" + "    x = 1\n" * 2000
     _, prompt, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", max_new_tokens=1)
     old_code = prompt.split("\n\nFEEDBACK:\n")[0].removeprefix("OLD CODE:\n")
-    assert len(refiner.loaded.tokenizer(old_code, add_special_tokens=False)["input_ids"]) <= 513
-    assert long_program.startswith(old_code[:100])
+    assert old_code == long_program[:prompts.REFINEMENT_OLD_CODE_CHARS]
+    assert len(refiner.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 1024
 
 
 @pytest.mark.parametrize("program, feedback, n, message", [

@@ -38,6 +38,11 @@ def test_round_without_passing_refinement_keeps_the_serving_model(system):
     _, store, clients = system
     before = serving_version(clients)
     report = run_round(RoundSettings(**SMALL), clients, store)
+    # pi_Refine is first fine-tuned on the 44 MBPP_Refine triples and served by the refinement service
+    assert report["refiner"]["examples"] == 44
+    refiner_version = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest()).serving_version
+    assert refiner_version == report["refiner"]["model_version"] == report["data"]["refinement_model"]
+    assert Registry(store).get(refiner_version).lineage["purpose"] == "refinement"
     # A random model's refinements never pass, so nothing may be trained or switched.
     assert report["data"]["refinements"] == 3 and report["data"]["passing_refinements"] == 0
     assert report["outcome"].startswith("no passing refinement")
@@ -56,6 +61,7 @@ def test_round_trains_evaluates_and_switches_to_the_new_version(system):
     version = Registry(store).get(candidate)
     assert version.base_version == before and version.kind == "lora"
     assert version.lineage["dataset"] == report["dataset"]["key"]
+    assert report["data"]["records"] + report["data"]["dropped_failing"] == 3
     for name in ("report.json", "report.md", "pass_at_k.png"):
         assert store.exists(f"{report['artifacts']}/{name}")
     assert store.get(f"{report['artifacts']}/pass_at_k.png")[:4] == b"\x89PNG"

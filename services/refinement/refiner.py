@@ -79,8 +79,7 @@ class Refiner:
         if loaded is None:
             raise Unavailable("the refinement model is still loading")
         gen_prompt = task_prompt(task)
-        old_code = _truncate_tokens(loaded.tokenizer, failing_program, prompts.REFINEMENT_OLD_CODE_TOKENS)
-        prompt = prompts.refinement_prompt(old_code, feedback.strip(), gen_prompt)
+        prompt = prompts.refinement_prompt(failing_program, feedback, gen_prompt)
         samples = modeling.sample(loaded, prompt, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                   max_new_tokens=max_new_tokens, stop=prompts.STOP_SEQUENCES,
                                   repetition_penalty=repetition_penalty, seed=seed)
@@ -104,8 +103,3 @@ def _check_request(failing_program: str, feedback: str, n: int, max_new_tokens: 
     if not 0 <= temperature <= 5:
         raise InvalidArgument(f"temperature must be between 0 and 5, got {temperature}")
 
-
-def _truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
-    """Keeps the first max_tokens tokens so the whole prompt fits the paper's 1024 tokens."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
