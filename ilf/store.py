@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from ilf import config
-from ilf.errors import AlreadyExists, IlfError, NotFound, Unavailable
+from ilf.errors import AlreadyExists, IlfError, InvalidArgument, NotFound, Unavailable
 
 MANIFEST = "MANIFEST.json"
 
@@ -87,6 +87,13 @@ class ArtifactStore(ABC):
         return manifest
 
 
+def _checked_key(key: str) -> str:
+    """Keys often come from requests: refuse the ones no store can hold, as the caller's error."""
+    if not key or "\x00" in key or len(key.encode()) > 1024:
+        raise InvalidArgument(f"artifact key {key[:100]!r} is empty, too long or contains a NUL character")
+    return key
+
+
 def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -114,9 +121,9 @@ class LocalStore(ArtifactStore):
         self.url = f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
+        path = (self.root / _checked_key(key)).resolve()
         if self.root not in path.parents:
-            raise ValueError(f"artifact key {key!r} leaves the store")
+            raise InvalidArgument(f"artifact key {key!r} leaves the store")
         return path
 
     def put(self, key, data, *, overwrite=False):
@@ -168,7 +175,7 @@ class S3Store(ArtifactStore):
             self._retrying(lambda: self.client.make_bucket(bucket))
 
     def _key(self, key: str) -> str:
-        return self.prefix + key
+        return self.prefix + _checked_key(key)
 
     def _transient(self, error: Exception) -> bool:
         from minio.error import ServerError
@@ -224,7 +231,7 @@ class S3Store(ArtifactStore):
 
     def list(self, prefix):
         def names():
-            return [o.object_name for o in self.client.list_objects(self.bucket, prefix=self._key(prefix),
+            return [o.object_name for o in self.client.list_objects(self.bucket, prefix=self.prefix + prefix,
                                                                     recursive=True)]
         return sorted(name[len(self.prefix):] for name in self._retrying(names))
 
