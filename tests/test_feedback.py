@@ -116,6 +116,16 @@ def test_records_are_immutable_and_survive_a_restart(tmp_path):
         restarted.get("../../etc/passwd")
 
 
+def test_records_on_s3_survive_a_restart(s3_env):
+    records = FeedbackStore(open_store())
+    record = records.add(new_record(task_id=11, program="def f(): pass", feedback="wrong", author_kind="human",
+                                    source="submitted", annotator_id="a"))[0]
+    restarted = FeedbackStore(open_store())
+    assert restarted.list() == [record] and restarted.add(record) == (record, False)
+    key, count = restarted.export()
+    assert count == 1 and read_dataset(open_store(), key) == [record.to_dict()]
+
+
 def test_filters(tmp_path):
     records = FeedbackStore(open_store(f"file://{tmp_path}"))
     human = records.add(new_record(task_id=11, program="p", feedback="f", author_kind="human", source="submitted",
