@@ -1,4 +1,4 @@
-"""Model-written feedback: the feedback service asks a generation service (tiny random model) and records who wrote it."""
+"""Model-written feedback: the feedback service asks a generation service (tiny random model), records the author."""
 from __future__ import annotations
 
 import grpc

@@ -15,7 +15,7 @@ class FeedbackService:
 
     def submit(self, task_id: int, program: str, feedback: str, annotator_id: str,
                human_refinement: str = "") -> FeedbackRecord:
-        """A person's feedback, stored once it passes the checks; the same submission again returns the stored record."""
+        """A person's feedback, stored once it passes the checks; resubmitting it returns the stored record."""
         tests = self.checks.check_submission(task_id, program, feedback, annotator_id, human_refinement)
         record, _ = self.records.add(new_record(
             task_id=task_id, program=program, feedback=feedback.strip(), author_kind="human", source="submitted",
