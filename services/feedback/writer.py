@@ -21,7 +21,7 @@ def _section(task_text: str, program: str) -> str:
     return f"TASK:\n{task_text.strip()}\n\nOLD CODE:\n{program.strip()[:MAX_PROMPT_PROGRAM_CHARS]}\n\n"
 
 
-def test_report(task: data.MBPPTask, result: execution_pb2.ExecuteResponse) -> str:
+def results_report(task: data.MBPPTask, result: execution_pb2.ExecuteResponse) -> str:
     """One line per test: the assert and its verdict (or why the program did not load)."""
     if result.error_type:
         return f"The program did not load: {result.error_type}: {result.error_message}".strip()
@@ -45,7 +45,7 @@ def feedback_prompt(task: data.MBPPTask, program: str, result: execution_pb2.Exe
     for note in examples[:shots]:
         parts.append(_section(data.task(note.task_id).text, note.failing_program)
                      + f"FEEDBACK:\n{note.feedback.replace(chr(13), '').strip()}\n\n")
-    parts.append(_section(task.text, program) + f"TEST RESULTS:\n{test_report(task, result)}\n\nFEEDBACK:\n")
+    parts.append(_section(task.text, program) + f"TEST RESULTS:\n{results_report(task, result)}\n\nFEEDBACK:\n")
     return "".join(parts)
 
 
