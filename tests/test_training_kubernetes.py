@@ -321,3 +321,24 @@ def test_restarted_service_keeps_watching_the_job(cluster):
         second.stop()
     assert final["state"] == "SUCCEEDED", final["error"]
     assert len(cluster["kubelet"].seen_manifests) == 1  # the same Job, not a second one
+
+
+def test_a_retried_pod_resumes_from_the_last_checkpoint(cluster, monkeypatch):
+    monkeypatch.setenv("ILF_TRAINING_K8S_BACKOFF_LIMIT", "1")
+    monkeypatch.setenv("ILF_TRAINER_CHECKPOINT_STEPS", "2")
+    runs = manager()
+    try:
+        run = runs.submit(cluster["dataset"], cluster["base"], {**LONG, "epochs": 2})  # 16 steps
+        checkpoint = f"runs/{run['run_id']}/checkpoint.pt"
+        deadline = time.monotonic() + 120
+        while not cluster["store"].exists(checkpoint) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (pod,) = cluster["kubelet"].jobs.values()
+        os.killpg(pod["process"].pid, signal.SIGKILL)  # the node loses the pod mid-run
+        final = wait_until(runs, run["run_id"], FINAL)
+    finally:
+        runs.stop()
+    assert final["state"] == "SUCCEEDED", final["error"]
+    assert cluster["kubelet"].jobs[final["handle"]["job"]]["attempt"] == 2
+    metrics = cluster["registry"].get(final["output_model_version"]).metrics
+    assert metrics["resumed_at_step"] >= 2 and metrics["steps"] == 16

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
 PURPOSES = ("generation", "refinement")
+PROGRESS_FIELDS = ("phase", "step", "total_steps", "epoch", "loss", "tokens_per_second", "eta_seconds")
 
 # The authors' fine-tuning defaults (PAPER.md), except the learning rate of LoRA: its update
 # starts at zero and is scaled by alpha/rank, so at the paper's full fine-tuning lr of 5e-6 an
@@ -180,8 +181,7 @@ class RunManager:
         state = self.get(run_id)
         job = self.launcher.status(run_id, state["handle"])
         progress = self._progress(run_id)
-        fields = {"progress": {k: progress[k] for k in ("step", "total_steps", "epoch", "loss", "tokens_per_second",
-                                                        "eta_seconds") if k in progress},
+        fields = {"progress": {k: progress[k] for k in PROGRESS_FIELDS if k in progress},
                   "log_tail": progress.get("log") or job.log_tail}
         if job.phase in ("succeeded", "failed", "exited"):
             fields.update(self._outcome(state, job, progress))
@@ -207,9 +207,7 @@ class RunManager:
     def _progress(self, run_id: str) -> dict:
         try:
             return self.store.get_json(f"runs/{run_id}/progress.json")
-        except NotFound:
-            return {}
-        except ValueError:  # a store without atomic overwrite could show a torn write: next poll
+        except (NotFound, ValueError):  # not written yet, or a torn write on a non-atomic store: next poll
             return {}
 
     # state

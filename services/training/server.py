@@ -10,7 +10,6 @@ from services.training.runs import RunManager
 
 HYPERPARAMETERS = ("method", "learning_rate", "batch_size", "epochs", "max_seq_len", "lora_rank", "lora_alpha",
                    "lora_dropout", "seed", "merge_weights")
-PROGRESS = ("step", "total_steps", "epoch", "loss", "tokens_per_second", "eta_seconds", "phase")
 
 
 def to_proto(run: dict) -> training_pb2.Run:
@@ -18,7 +17,7 @@ def to_proto(run: dict) -> training_pb2.Run:
         run_id=run["run_id"], state=training_pb2.RunState.Value(f"RUN_STATE_{run['state']}"), dataset=run["dataset"],
         base_model_version=run["base_model_version"], purpose=run["purpose"],
         hyperparameters=training_pb2.Hyperparameters(**{k: run["hyperparameters"][k] for k in HYPERPARAMETERS}),
-        progress=training_pb2.Progress(**{k: v for k, v in run["progress"].items() if k in PROGRESS}),
+        progress=training_pb2.Progress(**run["progress"]),
         output_model_version=run["output_model_version"], error=run["error"], created_at=run["created_at"],
         updated_at=run["updated_at"], log_tail=run["log_tail"], artifacts=f"runs/{run['run_id']}/",
         launcher=(run["handle"] or {}).get("launcher", ""))
