@@ -140,8 +140,10 @@ class Engine:
                         self._step(batch)
                     except Exception as error:  # noqa: BLE001 - fail this batch's requests, keep serving
                         log.exception("decode step failed on %s", batch.loaded.version)
+                        # UNAVAILABLE: the request was fine and a retry runs in a fresh batch.
+                        failure = Unavailable(f"the decode step failed ({type(error).__name__}: {error}); retry")
                         for row in batch.rows:
-                            row.handle.push(error)
+                            row.handle.push(failure)
                         batch.rows = []
                     if not batch.rows:
                         del self._batches[key]
