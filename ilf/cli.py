@@ -85,6 +85,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    """The paper's comparison; with --local the services are started here and stopped after."""
+    from contextlib import nullcontext
+
+    from ilf.clients import Clients
+    from ilf.local import LocalServices
+    from ilf.reproduce import reproduce
+    from ilf.store import open_store
+    _apply_paper(args)
+    context = LocalServices(Path(config.get("ILF_HOME")) / "logs") if args.local else nullcontext()
+    with context as services:
+        clients = Clients.connect(**services.addresses) if services else Clients.connect()
+        report = reproduce(_round_settings(args), clients, open_store(), tuple(args.methods))
+    print(report["markdown"])
+    print(f"artifacts: {open_store().url}/{report['artifacts']}")
+    return 0
+
+
 def cmd_up(args) -> int:
     from ilf.local import LocalServices
     with LocalServices(Path(config.get("ILF_HOME")) / "logs") as services:
@@ -142,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         _add_round_flags(p)
         p.set_defaults(func=func)
-    sub.add_parser("up", help="start the four services locally until Ctrl-C").set_defaults(func=cmd_up)
+    from ilf.reproduce import METHODS
+    reproduce = sub.add_parser("reproduce", help="the paper's comparison of methods on one base model")
+    _add_round_flags(reproduce)
+    reproduce.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    reproduce.add_argument("--local", action="store_true", help="start the services here for the run")
+    reproduce.set_defaults(func=cmd_reproduce)
+    sub.add_parser("up", help="start the services locally until Ctrl-C").set_defaults(func=cmd_up)
     models = sub.add_parser("models", help="the model registry")
     models.add_argument("action", choices=("list", "show", "history"))
     models.add_argument("version", nargs="?")

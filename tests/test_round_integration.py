@@ -12,6 +12,7 @@ from conftest import free_port
 from ilf.clients import Clients
 from ilf.local import SERVICES, LocalServices
 from ilf.registry import Registry
+from ilf.reproduce import METHODS, reproduce
 from ilf.round import RoundSettings, run_round
 from ilf.store import open_store
 from ilf.v1 import common_pb2, execution_pb2, generation_pb2, refinement_pb2, training_pb2
@@ -69,6 +70,27 @@ def test_round_trains_evaluates_and_switches_to_the_new_version(system):
     reply = clients.generation.Generate(generation_pb2.GenerateRequest(
         prompt="def add(a, b):", params=common_pb2.SamplingParams(n=2, max_new_tokens=4)))
     assert reply.model_version == candidate and len(reply.completions) == 2
+
+
+def test_reproduce_compares_every_method_on_the_same_tasks_without_promoting(system):
+    _, store, clients = system
+    serving = serving_version(clients)
+    report = reproduce(RoundSettings(**SMALL), clients, store)
+    rows = report["methods"]
+    assert list(rows) == list(METHODS)
+    assert rows["zero-shot"]["model_version"] == serving == serving_version(clients)
+    trained = {rows[m]["model_version"] for m in ("gold", "human")}
+    assert len(trained) == 2 and serving not in trained
+    for method in ("ilf", "ilf-model-feedback"):  # a random model's refinements fail: reported, not trained
+        assert rows[method]["data"]["tasks"] == 3 and "nothing to fine-tune" in rows[method]["outcome"]
+    assert report["refiner"]["examples"] == 44
+    for row in rows.values():
+        if "pass_at" in row:
+            low, high = row["interval95"]["1"]
+            assert low <= row["pass_at"]["1"] <= high
+    assert "| ILF (human feedback) |" in report["markdown"]
+    assert store.get(f"{report['artifacts']}/results.png")[:4] == b"\x89PNG"
+    assert json.loads(store.get(f"{report['artifacts']}/results.json"))["methods"].keys() == rows.keys()
 
 
 @pytest.mark.parametrize("call, code, message", [

@@ -1,0 +1,154 @@
+"""The paper's Table 4 on one base model, end to end through the services.
+
+Methods: zero-shot; fine-tuned on MBPP gold programs; fine-tuned on human refinements; ILF
+(pi_Refine trained on MBPP_Refine, refinements of MBPP_Train failures with human feedback, test
+filter, fine-tune); ILF with model-written feedback. Every method is evaluated on the same MBPP_Test
+tasks with the same seeds; candidates are loaded next to the serving model, never promoted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import secrets
+import time
+
+import grpc
+from tqdm import tqdm
+
+from ilf import data, datasets
+from ilf.clients import Clients
+from ilf.round import (Evaluation, RoundSettings, evaluate, refine_and_filter, train, train_refiner,
+                       training_records)
+from ilf.store import ArtifactStore
+from ilf.v1 import common_pb2, feedback_pb2, generation_pb2
+
+METHODS = ("zero-shot", "gold", "human", "ilf", "ilf-model-feedback")
+PAPER = {"zero-shot": (0.26, 0.59), "gold": (0.22, 0.63), "human": (0.33, 0.68), "ilf": (0.36, 0.68),
+         "ilf-model-feedback": (0.25, 0.59)}  # pass@1, pass@10 (model feedback: 2-shot InstructGPT)
+LABELS = {"zero-shot": "zero-shot", "gold": "fine-tuned on MBPP gold programs",
+          "human": "fine-tuned on human refinements", "ilf": "ILF (human feedback)",
+          "ilf-model-feedback": "ILF (model-written feedback)"}
+
+
+def model_feedback_items(clients: Clients, notes: list[data.Annotation], settings: RoundSettings):
+    """(task id, failing program, feedback) with feedback written by the generation model (2-shot).
+
+    Returns the items and how many programs the model wrote no feedback for.
+    """
+    items, silent = [], 0
+    for note in tqdm(notes, desc="model feedback", unit="task"):
+        try:
+            record = clients.feedback.GenerateFeedback(feedback_pb2.GenerateFeedbackRequest(
+                task_id=note.task_id, program=note.failing_program, shots=2,
+                params=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=128, seed=settings.seed)),
+                timeout=1800)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:  # the model wrote only whitespace
+                raise
+            silent += 1
+            continue
+        items.append((note.task_id, note.failing_program, record.feedback))
+    return items, silent
+
+
+def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
+              methods: tuple[str, ...] = METHODS) -> dict:
+    started = time.monotonic()
+    tag = f"reproduce-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+    tasks = data.split_tasks("test")[: settings.eval_tasks or None]
+    notes = data.annotations("train")[: settings.train_tasks or None]
+    base = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
+    report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base,
+              "eval_task_ids": [t.task_id for t in tasks], "methods": {}}
+    refiner = None
+    for method in methods:
+        row: dict = {}
+        if method == "zero-shot":
+            evaluation = evaluate(clients, tasks, settings, base, label="evaluate zero-shot")
+        else:
+            if method in ("gold", "human"):
+                records, row["data"] = training_records(dataclasses.replace(settings, train_on=method), clients, notes)
+            else:
+                refiner = refiner or train_refiner(clients, store, settings, tag)
+                items, silent = ([(n.task_id, n.failing_program, n.feedback) for n in notes], 0) if method == "ilf" \
+                    else model_feedback_items(clients, notes, settings)
+                records, row["data"] = refine_and_filter(clients, items, settings) if items else ([], {})
+                row["data"].update(tasks=len(notes), no_feedback_written=silent)
+            if not records:
+                row["outcome"] = "no training example passed the tests: nothing to fine-tune"
+                report["methods"][method] = row
+                continue
+            dataset = datasets.put_dataset(store, records, name=f"{tag}-{method}")
+            run = train(clients, dataset, base, settings)
+            clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=run.output_model_version),
+                                         timeout=1800)
+            evaluation = evaluate(clients, tasks, settings, run.output_model_version, label=f"evaluate {method}")
+            row.update(dataset=dataset, run_id=run.run_id, final_loss=run.progress.loss)
+        row.update(_summary(evaluation))
+        report["methods"][method] = row
+    if refiner:
+        report["refiner"] = refiner
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    report["markdown"] = markdown_table(report)
+    prefix = f"reports/{tag}"
+    store.put(f"{prefix}/results.json", json.dumps(report, indent=2).encode())
+    store.put(f"{prefix}/results.md", report["markdown"].encode())
+    store.put(f"{prefix}/results.png", bar_chart(report))
+    report["artifacts"] = prefix
+    return report
+
+
+def _summary(evaluation: Evaluation) -> dict:
+    return {"model_version": evaluation.model_version,
+            "pass_at": {str(k): v for k, v in evaluation.pass_at.items()},
+            "interval95": {str(k): list(v) for k, v in evaluation.intervals.items()}}
+
+
+def markdown_table(report: dict) -> str:
+    s = report["settings"]
+    evaluated = [r for r in report["methods"].values() if "pass_at" in r]
+    ks = list(evaluated[0]["pass_at"]) if evaluated else ["1"]
+    lines = ["| method | " + " | ".join(f"pass@{k} [95% CI]" for k in ks) + " | paper pass@1 / pass@10 | training data |",
+             "|---|" + "---|" * len(ks) + "---|---|"]
+    for method, row in report["methods"].items():
+        cells = ([f"{row['pass_at'][k]:.3f} [{row['interval95'][k][0]:.2f}, {row['interval95'][k][1]:.2f}]"
+                  for k in ks] if "pass_at" in row else [row.get("outcome", "")] * len(ks))
+        data_cell = ", ".join(f"{k} {v}" for k, v in row.get("data", {}).items() if k != "refinement_model")
+        paper = PAPER[method]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {paper[0]:.2f} / {paper[1]:.2f} | {data_cell} |")
+    lines += ["", f"Base model `{report['base_model_version']}`; {len(report['eval_task_ids'])} MBPP_Test tasks, "
+                  f"{s['eval_samples']} sample(s) per task at temperature {s['eval_temperature']}, "
+                  f"max {s['max_new_tokens']} new tokens, seeds from {s['seed']}; "
+                  f"{s['train_tasks'] or 128} annotated MBPP_Train tasks, {s['refine_samples']} refinement(s) each; "
+                  f"fine-tuning method {s['method']}. 95% intervals: bootstrap over tasks. Wall time "
+                  f"{report['wall_seconds']:.0f} s."]
+    if "refiner" in report:
+        lines.append(f"pi_Refine: `{report['refiner']['model_version']}` trained on "
+                     f"{report['refiner']['examples']} MBPP_Refine triples.")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = {m: r for m, r in report["methods"].items() if "pass_at" in r}
+    ks = list(next(iter(rows.values()))["pass_at"]) if rows else []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(len(ks), 1)
+    for j, k in enumerate(ks):
+        values = [r["pass_at"][k] for r in rows.values()]
+        errors = [[v - r["interval95"][k][0] for v, r in zip(values, rows.values())],
+                  [r["interval95"][k][1] - v for v, r in zip(values, rows.values())]]
+        ax.bar([i + j * width for i in range(len(rows))], values, width, yerr=errors, capsize=3, label=f"pass@{k}")
+    ax.set_xticks([i + width * (len(ks) - 1) / 2 for i in range(len(rows))],
+                  [LABELS[m].replace(" (", "\n(").replace(" on ", "\non ") for m in rows], fontsize=7)
+    ax.set_ylabel("MBPP_Test (tasks 11-110)")
+    ax.set_title(f"ILF comparison on {report['base_model_version']}")
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
