@@ -101,22 +101,22 @@ class KubernetesJobLauncher(Launcher):
         if "Failed" in conditions:
             failed = conditions["Failed"]
             reason = f"{failed.reason or 'Failed'}: {failed.message or 'the Job failed'}"
-            pod_reason = self._pod_failure(run_id, handle["namespace"])
+            # Past the deadline Kubernetes kills the pod itself: its exit code would only mislead.
+            pod_reason = "" if failed.reason == "DeadlineExceeded" else self._pod_failure(run_id, handle["namespace"])
             return JobStatus("failed", f"{reason}; {pod_reason}" if pod_reason else reason)
         active = job.status and (job.status.active or job.status.start_time)
         return JobStatus("running" if active else "pending")
 
     def _pod_failure(self, run_id: str, namespace: str) -> str:
-        """How the last failed pod's trainer ended: OOMKilled or its exit code."""
+        """How the Job's failed pods ended: OOMKilled if any was, else a failed pod's exit code."""
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{RUN_LABEL}={run_id}").items
-        for pod in reversed([p for p in pods if (p.metadata.labels or {}).get(RUN_LABEL) == run_id]):
-            for container in (pod.status and pod.status.container_statuses) or []:
-                terminated = container.state and container.state.terminated
-                if terminated and terminated.exit_code:
-                    if terminated.reason == "OOMKilled":
-                        return f"OOMKilled: the trainer exceeded its memory limit (exit code {terminated.exit_code})"
-                    return exit_reason(terminated.exit_code)
-        return ""
+        ended = [container.state.terminated for pod in pods if (pod.metadata.labels or {}).get(RUN_LABEL) == run_id
+                 for container in (pod.status and pod.status.container_statuses) or []
+                 if container.state and container.state.terminated and container.state.terminated.exit_code]
+        for terminated in ended:
+            if terminated.reason == "OOMKilled":
+                return f"OOMKilled: the trainer exceeded its memory limit (exit code {terminated.exit_code})"
+        return exit_reason(ended[-1].exit_code) if ended else ""
 
     def cancel(self, run_id, handle):
         from kubernetes.client.exceptions import ApiException
