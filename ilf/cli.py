@@ -103,6 +103,20 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    from ilf.clients import Clients
+    from ilf.policy import retrain_when_due
+    from ilf.store import open_store
+    _apply_paper(args)
+    reports = retrain_when_due(_round_settings(args), Clients.connect(), open_store(),
+                               min_new_feedback=args.min_new_feedback, poll_seconds=args.poll_seconds,
+                               max_rounds=args.max_rounds, max_wait_seconds=args.max_wait_seconds)
+    for report in reports:
+        print(report["markdown"])
+    print(f"{len(reports)} round(s) run")
+    return 0
+
+
 def cmd_up(args) -> int:
     from ilf.local import LocalServices
     with LocalServices(Path(config.get("ILF_HOME")) / "logs") as services:
@@ -166,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     reproduce.add_argument("--local", action="store_true", help="start the services here for the run")
     reproduce.set_defaults(func=cmd_reproduce)
+    retrain = sub.add_parser("retrain", help="run a round whenever enough new human feedback has arrived")
+    _add_round_flags(retrain)
+    retrain.add_argument("--min-new-feedback", type=int, default=20)
+    retrain.add_argument("--poll-seconds", type=float, default=60.0)
+    retrain.add_argument("--max-rounds", type=int, default=1_000_000)
+    retrain.add_argument("--max-wait-seconds", type=float, default=None, help="stop after this long without a round")
+    retrain.set_defaults(func=cmd_retrain)
     sub.add_parser("up", help="start the services locally until Ctrl-C").set_defaults(func=cmd_up)
     models = sub.add_parser("models", help="the model registry")
     models.add_argument("action", choices=("list", "show", "history"))

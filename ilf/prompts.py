@@ -9,9 +9,9 @@ _TOP_LEVEL_LINE = re.compile(r"\n(?=[A-Za-z#'\"])")
 _CALLED_NAME = re.compile(r"([A-Za-z_]\w*)\s*\(")
 
 END_OF_TEXT = "<|endoftext|>"
-# The paper cuts the old code to 512 tokens so the prompt fits 1024. Cutting by characters (about four
+# The paper cuts the old code to 512 tokens so the prompt fits 1024. Cutting by characters (about three
 # per token of Python) lets clients without a tokenizer build the very prompt the service samples from.
-REFINEMENT_OLD_CODE_CHARS = 2048
+REFINEMENT_OLD_CODE_CHARS = 1536
 
 
 def entry_point(tests: list[str] | tuple[str, ...], program: str) -> str:

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ilf import data, datasets
 from ilf.clients import Clients
-from ilf.round import (Evaluation, RoundSettings, evaluate, refine_and_filter, train, train_refiner,
-                       training_records)
+from ilf.round import (Evaluation, FeedbackItem, RoundSettings, evaluate, human_feedback, refine_and_filter,
+                       train, train_refiner, training_records)
 from ilf.store import ArtifactStore
 from ilf.v1 import common_pb2, feedback_pb2, generation_pb2
 
@@ -32,7 +32,7 @@ LABELS = {"zero-shot": "zero-shot", "gold": "fine-tuned on MBPP gold programs",
 
 
 def model_feedback_items(clients: Clients, notes: list[data.Annotation], settings: RoundSettings):
-    """(task id, failing program, feedback) with feedback written by the generation model (2-shot).
+    """The annotated failing programs with feedback written by the generation model (2-shot).
 
     Returns the items and how many programs the model wrote no feedback for.
     """
@@ -48,7 +48,7 @@ def model_feedback_items(clients: Clients, notes: list[data.Annotation], setting
                 raise
             silent += 1
             continue
-        items.append((note.task_id, note.failing_program, record.feedback))
+        items.append(FeedbackItem(note.task_id, note.failing_program, record.feedback, record.record_id))
     return items, silent
 
 
@@ -71,7 +71,7 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
                 records, row["data"] = training_records(dataclasses.replace(settings, train_on=method), clients, notes)
             else:
                 refiner = refiner or train_refiner(clients, store, settings, tag)
-                items, silent = ([(n.task_id, n.failing_program, n.feedback) for n in notes], 0) if method == "ilf" \
+                items, silent = (human_feedback(clients, settings.train_tasks), 0) if method == "ilf" \
                     else model_feedback_items(clients, notes, settings)
                 records, row["data"] = refine_and_filter(clients, items, settings) if items else ([], {})
                 row["data"].update(tasks=len(notes), no_feedback_written=silent)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ilf import data, datasets, passk, prompts
 from ilf.clients import Clients
 from ilf.store import ArtifactStore
-from ilf.v1 import (common_pb2, execution_pb2, generation_pb2, refinement_pb2, training_pb2)
+from ilf.v1 import common_pb2, execution_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
 
 log = logging.getLogger(__name__)
 
@@ -112,26 +112,51 @@ def evaluate(clients: Clients, tasks: list[data.MBPPTask], settings: RoundSettin
     return evaluation
 
 
-def refine_and_filter(clients: Clients, items: list[tuple[int, str, str]], settings: RoundSettings):
-    """Asks pi_Refine for refinements of (task id, failing program, feedback) items; keeps passing ones.
+@dataclass(frozen=True)
+class FeedbackItem:
+    task_id: int
+    program: str      # the failing program
+    feedback: str
+    record_id: str = ""  # the feedback record it came from, kept in the dataset for lineage
+
+
+def human_feedback(clients: Clients, limit: int = 0) -> list[FeedbackItem]:
+    """Human feedback on MBPP_Train programs from the feedback service, one record per task, by task id.
+
+    The paper's annotations are imported first (idempotent), so a fresh system has the paper's 128.
+    """
+    clients.feedback.ImportPaperAnnotations(feedback_pb2.ImportPaperAnnotationsRequest(), timeout=600)
+    records = clients.feedback.ListFeedback(feedback_pb2.ListFeedbackRequest(filter=feedback_pb2.FeedbackFilter(
+        split="train", author_kind=feedback_pb2.AUTHOR_KIND_HUMAN)), timeout=600).records
+    first_per_task = {}
+    for record in records:
+        first_per_task.setdefault(record.task_id, record)
+    chosen = [first_per_task[t] for t in sorted(first_per_task)][: limit or None]
+    return [FeedbackItem(r.task_id, r.program, r.feedback, r.record_id) for r in chosen]
+
+
+def refine_and_filter(clients: Clients, items: list[FeedbackItem], settings: RoundSettings):
+    """Asks pi_Refine for refinements of each failing program given its feedback; keeps passing ones.
 
     Returns (one passing refinement per task as training records, statistics).
     """
-    programs, refine_version = {}, ""
-    for task_id, failing_program, feedback in tqdm(items, desc="refine", unit="task"):
+    programs, sources, refine_version = {}, {}, ""
+    for item in tqdm(items, desc="refine", unit="task"):
         reply = clients.refinement.Refine(refinement_pb2.RefineRequest(
-            task=common_pb2.Task(task_id=task_id), failing_program=failing_program, feedback=feedback,
+            task=common_pb2.Task(task_id=item.task_id), failing_program=item.program, feedback=item.feedback,
             params=_params(settings.refine_samples, settings.refine_temperature, settings.max_new_tokens * 2,
-                           settings.seed + task_id)), timeout=LONG_CALL_S)
+                           settings.seed + item.task_id)), timeout=LONG_CALL_S)
         refine_version = reply.model_version
         for i, refinement in enumerate(reply.refinements):
-            programs[f"{task_id}:{i}"] = (refinement.program, data.task(task_id))
+            programs[f"{item.task_id}:{i}"] = (refinement.program, data.task(item.task_id))
+            sources[f"{item.task_id}:{i}"] = item.record_id
     verdicts = _execute(clients, programs, settings.timeout_s) if programs else {}
     records, passing_per_task = {}, {}
     for rid, (program, task) in sorted(programs.items()):
         passing_per_task[task.task_id] = passing_per_task.get(task.task_id, 0) + verdicts[rid]
         if verdicts[rid] and task.task_id not in records:
-            records[task.task_id] = _record(task, program, "refinement", refine_version)
+            records[task.task_id] = {**_record(task, program, "refinement", refine_version),
+                                     "feedback_record": sources[rid]}
     stats = {"refinement_model": refine_version, "tasks": len(items), "refinements": len(programs),
              "passing_refinements": int(sum(verdicts.values())),
              "tasks_with_passing_refinement": sum(1 for c in passing_per_task.values() if c)}
@@ -166,8 +191,7 @@ def refiner_records(annotations: list[data.Annotation]) -> list[dict]:
 
 def training_records(settings: RoundSettings, clients: Clients, annotations: list[data.Annotation]):
     if settings.train_on == "refinements":
-        return refine_and_filter(clients, [(a.task_id, a.failing_program, a.feedback) for a in annotations],
-                                 settings)
+        return refine_and_filter(clients, human_feedback(clients, settings.train_tasks), settings)
     if settings.train_on == "human":
         programs = {str(a.task_id): (_human_program(a), data.task(a.task_id)) for a in annotations}
     else:

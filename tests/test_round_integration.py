@@ -1,4 +1,4 @@
-"""The four services as separate processes, a tiny random model, and whole ILF rounds over gRPC."""
+"""The services as separate processes, a tiny random model, and whole ILF rounds over gRPC."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,12 @@ import pytest
 from conftest import free_port
 from ilf.clients import Clients
 from ilf.local import SERVICES, LocalServices
+from ilf.policy import STATE_KEY, new_feedback_count, retrain_when_due
 from ilf.registry import Registry
 from ilf.reproduce import METHODS, reproduce
 from ilf.round import RoundSettings, run_round
 from ilf.store import open_store
-from ilf.v1 import common_pb2, execution_pb2, generation_pb2, refinement_pb2, training_pb2
+from ilf.v1 import common_pb2, execution_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
 
 SMALL = dict(eval_tasks=3, eval_samples=2, eval_temperature=0.8, train_tasks=3, refine_samples=1,
              max_new_tokens=12, epochs=1, batch_size=2)
@@ -91,6 +92,18 @@ def test_reproduce_compares_every_method_on_the_same_tasks_without_promoting(sys
     assert "| ILF (human feedback) |" in report["markdown"]
     assert store.get(f"{report['artifacts']}/results.png")[:4] == b"\x89PNG"
     assert json.loads(store.get(f"{report['artifacts']}/results.json"))["methods"].keys() == rows.keys()
+
+
+def test_retraining_policy_starts_a_round_when_enough_new_feedback_arrived(system):
+    _, store, clients = system
+    clients.feedback.ImportPaperAnnotations(feedback_pb2.ImportPaperAnnotationsRequest())
+    settings = RoundSettings(**{**SMALL, "train_on": "human", "eval_tasks": 1, "eval_samples": 1})
+    reports = retrain_when_due(settings, clients, store, min_new_feedback=128, poll_seconds=0.1,
+                               max_rounds=2, max_wait_seconds=1)
+    # the 128 imported MBPP_Train records are due once; afterwards nothing new arrives and it stops
+    assert len(reports) == 1
+    assert store.get_json(STATE_KEY)["round_id"] == reports[0]["round_id"]
+    assert new_feedback_count(clients, store.get_json(STATE_KEY)["last_round_started_at"]) == 0
 
 
 @pytest.mark.parametrize("call, code, message", [
