@@ -38,6 +38,7 @@ def _add_round_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight per service")
     parser.add_argument("--promote-margin", type=float, default=None,
                         help="switch only if pass@1 drops by at most this much (default: always switch)")
     parser.add_argument("--no-switch", dest="switch", action="store_false", help="evaluate but keep serving as is")

@@ -10,6 +10,7 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import grpc
@@ -48,6 +49,7 @@ class RoundSettings:
     timeout_s: float = 3.0           # per program, as in the paper
     switch: bool = True
     train_refiner: bool = True       # fine-tune pi_Refine on MBPP_Refine before refining (paper)
+    concurrency: int = 8             # requests in flight to a service, so it can batch them
     promote_margin: float | None = None  # if set: switch only when pass@1 drops by at most this much
 
     def __post_init__(self):
@@ -72,6 +74,17 @@ def _params(n: int, temperature: float, max_new_tokens: int, seed: int) -> commo
                                      max_new_tokens=max_new_tokens, stop=prompts.STOP_SEQUENCES, seed=seed)
 
 
+def _concurrently(call, items: list, workers: int, label: str):
+    """Yields (item, call(item)) in item order, with up to `workers` calls in flight so the
+    services can batch them; the progress bar counts calls as they finish."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(items), desc=label, unit="task") as bar:
+        futures = [pool.submit(call, item) for item in items]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update())
+        for item, future in zip(items, futures):
+            yield item, future.result()
+
+
 def _execute(clients: Clients, programs: dict[str, tuple[str, data.MBPPTask]], timeout_s: float) -> dict[str, bool]:
     """Runs every program against its task's tests in one streamed batch; returns pass/fail by id."""
     requests = [execution_pb2.ExecuteRequest(program=program, test_setup_code=task.test_setup_code,
@@ -91,15 +104,17 @@ def evaluate(clients: Clients, tasks: list[data.MBPPTask], settings: RoundSettin
              label: str = "evaluate") -> Evaluation:
     """pass@k of a model version on tasks, with per-task seeds shared by every evaluated version."""
     programs, served_by = {}, set()
-    for task in tqdm(tasks, desc=label, unit="task"):
-        prompt = prompts.mbpp_prompt(task)
-        reply = clients.generation.Generate(generation_pb2.GenerateRequest(
-            prompt=prompt, model_version=model_version,
+
+    def generate(task):
+        return clients.generation.Generate(generation_pb2.GenerateRequest(
+            prompt=prompts.mbpp_prompt(task), model_version=model_version,
             params=_params(settings.eval_samples, settings.eval_temperature, settings.max_new_tokens,
                            settings.seed + task.task_id)), timeout=LONG_CALL_S)
+    for task, reply in _concurrently(generate, tasks, settings.concurrency, label):
         served_by.add(reply.model_version)
         for i, completion in enumerate(reply.completions):
-            programs[f"{task.task_id}:{i}"] = (prompt + prompts.truncate_completion(completion.text), task)
+            programs[f"{task.task_id}:{i}"] = (prompts.mbpp_prompt(task) + prompts.truncate_completion(completion.text),
+                                               task)
     if len(served_by) != 1:
         raise RoundFailed(f"the evaluation was served by several model versions: {sorted(served_by)}")
     verdicts = _execute(clients, programs, settings.timeout_s)
@@ -141,11 +156,13 @@ def refine_and_filter(clients: Clients, items: list[FeedbackItem], settings: Rou
     Returns (one passing refinement per task as training records, statistics).
     """
     programs, sources, refine_version = {}, {}, ""
-    for item in tqdm(items, desc="refine", unit="task"):
-        reply = clients.refinement.Refine(refinement_pb2.RefineRequest(
+
+    def refine(item):
+        return clients.refinement.Refine(refinement_pb2.RefineRequest(
             task=common_pb2.Task(task_id=item.task_id), failing_program=item.program, feedback=item.feedback,
             params=_params(settings.refine_samples, settings.refine_temperature, settings.max_new_tokens * 2,
                            settings.seed + item.task_id)), timeout=LONG_CALL_S)
+    for item, reply in _concurrently(refine, items, settings.concurrency, "refine"):
         refine_version = reply.model_version
         for i, refinement in enumerate(reply.refinements):
             programs[f"{item.task_id}:{i}"] = (refinement.program, data.task(item.task_id))

@@ -53,6 +53,7 @@ class Refiner:
     def __init__(self, registry: Registry):
         self.registry = registry
         self._lock = threading.Lock()
+        self._sampling_lock = threading.Lock()
         self.loaded: modeling.LoadedModel | None = None
 
     def start_version(self) -> str:
@@ -80,9 +81,12 @@ class Refiner:
             raise Unavailable("the refinement model is still loading")
         gen_prompt = task_prompt(task)
         prompt = prompts.refinement_prompt(failing_program, feedback, gen_prompt)
-        samples = modeling.sample(loaded, prompt, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  max_new_tokens=max_new_tokens, stop=prompts.STOP_SEQUENCES,
-                                  repetition_penalty=repetition_penalty, seed=seed)
+        # One batch at a time: sampling seeds torch's global generator, and parallel batches on
+        # the same cores only slow each other down.
+        with self._sampling_lock:
+            samples = modeling.sample(loaded, prompt, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                      max_new_tokens=max_new_tokens, stop=prompts.STOP_SEQUENCES,
+                                      repetition_penalty=repetition_penalty, seed=seed)
         refined = [RefinedProgram(gen_prompt + prompts.truncate_completion(s.text), s) for s in samples]
         return refined, prompt, loaded.version
 
