@@ -1,4 +1,4 @@
-"""Starts the four services as separate local processes (the embedded deployment)."""
+"""Starts the services as separate local processes (the embedded deployment)."""
 from __future__ import annotations
 
 import os
@@ -28,18 +28,28 @@ class LocalServices:
     def addresses(self) -> dict[str, str]:
         return {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
 
+    def _start(self, name: str) -> None:
+        env = dict(self.env)
+        for service, port in self.ports.items():
+            env[f"ILF_{service.upper()}_PORT"] = str(port)
+            env[f"ILF_{service.upper()}_ADDR"] = self.addresses[service]
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[1])
+
+    def restart(self, name: str) -> None:
+        """Stops one service (SIGTERM, as an orchestrator would) and starts it again."""
+        self.processes[name].terminate()
+        self.processes[name].wait(timeout=60)
+        self._start(name)
+        self._wait(name, time.monotonic() + self.startup_timeout_s)
+
     def __enter__(self) -> "LocalServices":
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(self.env)
-        for name, port in self.ports.items():
-            env[f"ILF_{name.upper()}_PORT"] = str(port)
-            env[f"ILF_{name.upper()}_ADDR"] = self.addresses[name]
         try:
             for name in SERVICES:
-                log = open(self.log_dir / f"{name}.log", "ab")
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=Path(__file__).resolve().parents[1])
+                self._start(name)
             deadline = time.monotonic() + self.startup_timeout_s
             for name in SERVICES:
                 self._wait(name, deadline)

@@ -231,16 +231,36 @@ def train(clients: Clients, dataset: str, base_version: str, settings: RoundSett
             batch_size=settings.batch_size, seed=settings.seed)), timeout=60)
     bar = tqdm(desc=f"train {purpose} ({run.run_id})", unit="step")
     try:
-        for run in clients.training.WatchRun(training_pb2.GetRunRequest(run_id=run.run_id), timeout=6 * 3600):
-            bar.total = run.progress.total_steps or None
-            bar.n = run.progress.step
-            bar.set_postfix(state=training_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_").lower(),
-                            loss=f"{run.progress.loss:.3f}")
-            bar.refresh()
+        run = _follow_run(clients, run, bar)
     finally:
         bar.close()
     if run.state != training_pb2.RUN_STATE_SUCCEEDED:
         raise RoundFailed(f"training run {run.run_id} ended {training_pb2.RunState.Name(run.state)}: {run.error}")
+    return run
+
+
+def _follow_run(clients: Clients, run: training_pb2.Run, bar: tqdm, reconnect_s: float = 600.0) -> training_pb2.Run:
+    """Follows a run to its end; if the training service restarts, reconnects (its run state is in the store)."""
+    ended = (training_pb2.RUN_STATE_SUCCEEDED, training_pb2.RUN_STATE_FAILED, training_pb2.RUN_STATE_CANCELLED)
+    lost_since = None
+    while run.state not in ended:
+        try:
+            for run in clients.training.WatchRun(training_pb2.GetRunRequest(run_id=run.run_id), timeout=6 * 3600):
+                lost_since = None
+                bar.total = run.progress.total_steps or None
+                bar.n = run.progress.step
+                bar.set_postfix(state=training_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_").lower(),
+                                loss=f"{run.progress.loss:.3f}")
+                bar.refresh()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > reconnect_s:
+                raise RoundFailed(f"the training service stayed unreachable for {reconnect_s:.0f} s "
+                                  f"while run {run.run_id} was {training_pb2.RunState.Name(run.state)}") from error
+            log.warning("training service unreachable (%s); reconnecting to run %s", error.details(), run.run_id)
+            time.sleep(2)
     return run
 
 

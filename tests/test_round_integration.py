@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from conftest import free_port
+from ilf import datasets
 from ilf.clients import Clients
 from ilf.local import SERVICES, LocalServices
 from ilf.policy import STATE_KEY, new_feedback_count, retrain_when_due
 from ilf.registry import Registry
 from ilf.reproduce import METHODS, reproduce
-from ilf.round import RoundSettings, run_round
+from ilf.round import RoundSettings, run_round, train
 from ilf.store import open_store
 from ilf.v1 import common_pb2, execution_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
 
@@ -104,6 +107,28 @@ def test_retraining_policy_starts_a_round_when_enough_new_feedback_arrived(syste
     assert len(reports) == 1
     assert store.get_json(STATE_KEY)["round_id"] == reports[0]["round_id"]
     assert new_feedback_count(clients, store.get_json(STATE_KEY)["last_round_started_at"]) == 0
+
+
+def test_a_training_service_restart_mid_run_does_not_fail_the_round(system, caplog):
+    services, store, clients = system
+    records = [{"prompt": "def one():", "completion": "\n    return 1"}] * 256
+    dataset = datasets.put_dataset(store, records, name="restart")
+    base = serving_version(clients)
+    settings = RoundSettings(**{**SMALL, "epochs": 2, "batch_size": 1})
+    result = {}
+    follower = threading.Thread(target=lambda: result.update(run=train(clients, dataset, base, settings)))
+    follower.start()
+    deadline = time.monotonic() + 120
+    while not clients.training.ListRuns(training_pb2.ListRunsRequest()).runs or not any(
+            r.state == training_pb2.RUN_STATE_RUNNING and r.dataset == dataset
+            for r in clients.training.ListRuns(training_pb2.ListRunsRequest()).runs):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.2)
+    services.restart("training")
+    follower.join(timeout=600)
+    run = result["run"]
+    assert run.state == training_pb2.RUN_STATE_SUCCEEDED and Registry(store).get(run.output_model_version)
+    assert "reconnecting to run" in caplog.text  # the watch stream did break and was picked up again
 
 
 @pytest.mark.parametrize("call, code, message", [
