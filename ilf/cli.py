@@ -42,6 +42,8 @@ def _add_round_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--promote-margin", type=float, default=None,
                         help="switch only if pass@1 drops by at most this much (default: always switch)")
     parser.add_argument("--no-switch", dest="switch", action="store_false", help="evaluate but keep serving as is")
+    parser.add_argument("--no-train-refiner", dest="train_refiner", action="store_false",
+                        help="refine with the refinement service's current model instead of training pi_Refine first")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's settings: all 100 test tasks, 30 samples at T=0.8, all 128 train tasks")
 
