@@ -43,6 +43,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "Model version the refinement service serves at start; empty: its serving pointer, else the base model."),
     Setting("ILF_PROMPT_STRIP", "true",
             "End prompts at the `def` line without its newline (the model writes it; better on small BPE models)."),
+    Setting("ILF_REFINEMENT_GENERATION_ADDR", "",
+            "Generation service that serves pi_Refine's weights for the refinement service; empty: ILF_GENERATION_ADDR."),
     Setting("ILF_GENERATION_PORT", "50051", "gRPC port of the generation service."),
     Setting("ILF_GENERATION_BACKEND", "transformers",
             "Generation backend: transformers (in process) or tgi (a remote TGI server at ILF_GENERATION_TGI_URL)."),

@@ -28,3 +28,13 @@ class ResourceExhausted(IlfError):
 
 class Unavailable(IlfError):
     code_name = "UNAVAILABLE"
+
+
+# Upstream statuses that describe the caller's request pass through; any other means the upstream failed.
+_PASSED_THROUGH = {cls.code_name: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted)}
+
+
+def upstream_error(service: str, error) -> IlfError:
+    """The IlfError to answer with when a gRPC call (grpc.RpcError `error`) to another service fails."""
+    kind = _PASSED_THROUGH.get(error.code().name, Unavailable)
+    return kind(f"the {service} service answered {error.code().name}: {error.details()}")

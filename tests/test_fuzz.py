@@ -148,15 +148,22 @@ def wait_serving(address: str, service: str) -> None:
     wait_healthy(address, timeout_s=120, service=service)
 
 
-def test_refinement(ilf_env):
+def test_refinement(ilf_env, monkeypatch):
+    from services.generation.server import build_server as build_generation
     from services.refinement.server import build_server
-    server = build_server(0)
+    generation = build_generation(0)
+    server = None
     try:
+        monkeypatch.setenv("ILF_GENERATION_ADDR", started(generation))  # pi_Refine's weights are served there
+        server = build_server(0)
         address = started(server)
         wait_serving(address, "ilf.v1.Refinement")
         fuzz_service(address, "refinement_pb2", "Refinement", "ilf.v1.Refinement")
     finally:
-        server.grpc_server.stop(None).wait()
+        if server:
+            server.grpc_server.stop(None).wait()
+        generation.grpc_server.stop(None).wait()
+        generation.close()
 
 
 def test_training(ilf_env):
@@ -170,7 +177,6 @@ def test_training(ilf_env):
 
 
 def test_feedback(ilf_env):
-    pytest.importorskip("services.feedback.server")
     from services.feedback.server import build_server
     server = build_server(0)
     try:

@@ -1,14 +1,29 @@
-"""The refinement service's plain functions with the tiny model."""
+"""The refinement service's plain functions, sampling from a real generation service on the tiny model."""
 import pytest
 
+from conftest import free_port
 from ilf import data, prompts
-from ilf.errors import InvalidArgument, NotFound
+from ilf.errors import InvalidArgument, NotFound, Unavailable
+from ilf.grpc_util import channel, wait_healthy
+from ilf.v1 import generation_pb2_grpc
+from services.generation.server import build_server
 from services.refinement.refiner import Refiner, TaskSpec, task_prompt
 
 
 @pytest.fixture
-def refiner(local_registry):
-    refiner = Refiner(local_registry)
+def generation(ilf_env):
+    server = build_server(0)
+    server.start()
+    address = f"127.0.0.1:{server.port}"
+    wait_healthy(address)
+    yield generation_pb2_grpc.GenerationStub(channel(address))
+    server.close()
+    server.grpc_server.stop(grace=None)
+
+
+@pytest.fixture
+def refiner(local_registry, generation):
+    refiner = Refiner(local_registry, generation)
     refiner.switch(refiner.start_version())
     return refiner
 
@@ -32,7 +47,7 @@ def test_refine_builds_the_paper_prompt_and_returns_whole_programs(refiner, loca
     assert prompt.startswith("OLD CODE:\n") and f"\n\nFEEDBACK:\n{note.feedback}\n\nREFINEMENT:\n" in prompt
     assert prompt.endswith(gen_prompt)
     assert len(refined) == 3 and all(r.program.startswith(gen_prompt) for r in refined)
-    assert all(r.sample.generated_tokens <= 8 for r in refined)
+    assert all(r.completion.generated_tokens <= 8 for r in refined)
     assert version == local_registry.serving_version("refinement")
     again, _, _ = refiner.refine(TaskSpec(task_id=note.task_id), note.failing_program, note.feedback,
                                  n=3, temperature=0.8, max_new_tokens=8, seed=7)
@@ -44,7 +59,8 @@ def test_old_code_is_truncated_so_the_prompt_fits_1024_tokens(refiner):
     _, prompt, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", max_new_tokens=1)
     old_code = prompt.split("\n\nFEEDBACK:\n")[0].removeprefix("OLD CODE:\n")
     assert old_code == long_program[:prompts.REFINEMENT_OLD_CODE_CHARS]
-    assert len(refiner.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 1024
+    refined, _, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", max_new_tokens=1)
+    assert refined[0].completion.prompt_tokens <= 1024
 
 
 @pytest.mark.parametrize("program, feedback, n, message", [
@@ -59,7 +75,33 @@ def test_bad_requests_are_refused(refiner, program, feedback, n, message):
 
 
 def test_a_failed_switch_keeps_the_serving_version(refiner):
-    current = refiner.loaded.version
+    current = refiner.version
     with pytest.raises(NotFound):
         refiner.switch("v-does-not-exist")
-    assert refiner.loaded.version == current
+    assert refiner.version == current
+
+
+def test_refines_again_after_the_generation_service_dropped_the_model(local_registry, tiny_model_dir, monkeypatch):
+    from ilf.v1 import generation_pb2
+    monkeypatch.setenv("ILF_GENERATION_MAX_LOADED", "1")  # keep only the serving version and the newest load
+    server = build_server(0)
+    server.start()
+    try:
+        wait_healthy(f"127.0.0.1:{server.port}")
+        stub = generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{server.port}"))
+        # two more versions of the same weights under other ids
+        pi_refine, other = (local_registry.ensure_base(f"{tiny_model_dir}/{suffix}").version for suffix in (".", "./."))
+        refiner = Refiner(local_registry, stub)
+        refiner.switch(pi_refine)
+        stub.LoadModel(generation_pb2.LoadModelRequest(model_version=other))
+        assert pi_refine not in stub.GetModelStatus(generation_pb2.GetModelStatusRequest()).loaded_versions
+        assert refiner.refine(TaskSpec(task_id=11), "def f(): pass", "Fix it.", max_new_tokens=2)[2] == pi_refine
+    finally:
+        server.close()
+        server.grpc_server.stop(grace=None)
+
+
+def test_an_unreachable_generation_service_is_unavailable(local_registry):
+    refiner = Refiner(local_registry, generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{free_port()}")))
+    with pytest.raises(Unavailable, match="generation service"):
+        refiner.switch(refiner.start_version())

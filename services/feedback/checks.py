@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 
 from ilf import data
-from ilf.errors import FailedPrecondition, IlfError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ilf.errors import InvalidArgument, NotFound, upstream_error
 from ilf.v1 import execution_pb2, execution_pb2_grpc
 from services.feedback.records import TestSummary
 
@@ -15,16 +15,6 @@ MAX_FEEDBACK_CHARS = 8000
 MAX_PROGRAM_CHARS = 64000
 MAX_ANNOTATOR_CHARS = 200
 EXECUTION_CALL_S = 120.0
-
-# Upstream statuses that describe the caller's request pass through; any other means the upstream failed.
-_PASSED_THROUGH = {cls.code_name: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted)}
-
-
-def upstream_error(service: str, error: grpc.RpcError) -> IlfError:
-    """The IlfError to answer with when a call to another service fails."""
-    kind = _PASSED_THROUGH.get(error.code().name, Unavailable)
-    return kind(f"the {service} service answered {error.code().name}: {error.details()}")
-
 
 def check_text(name: str, value: str, limit: int, *, required: bool = True) -> None:
     if required and not value.strip():

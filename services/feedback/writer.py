@@ -4,9 +4,9 @@ from __future__ import annotations
 import grpc
 
 from ilf import data, prompts
-from ilf.errors import FailedPrecondition, InvalidArgument
+from ilf.errors import FailedPrecondition, InvalidArgument, upstream_error
 from ilf.v1 import common_pb2, execution_pb2, generation_pb2, generation_pb2_grpc
-from services.feedback.checks import MAX_FEEDBACK_CHARS, upstream_error
+from services.feedback.checks import MAX_FEEDBACK_CHARS
 
 GENERATION_CALL_S = 600.0
 DEFAULT_MAX_NEW_TOKENS = 256

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 
-from ilf import config, data, modeling, prompts
-from ilf.errors import InvalidArgument, NotFound, Unavailable
+import grpc
+
+from ilf import config, data, prompts
+from ilf.errors import InvalidArgument, NotFound, Unavailable, upstream_error
 from ilf.registry import Registry
+from ilf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +18,8 @@ MAX_SAMPLES = 64
 MAX_NEW_TOKENS = 1024
 MAX_FEEDBACK_CHARS = 8000
 MAX_PROGRAM_CHARS = 64000
+LOAD_CALL_S = 1800.0
+GENERATE_CALL_S = 3600.0
 
 
 @dataclass
@@ -28,8 +32,8 @@ class TaskSpec:
 
 @dataclass
 class RefinedProgram:
-    program: str
-    sample: modeling.Sample
+    program: str                      # generation prompt + refined body, ready to execute
+    completion: common_pb2.Completion  # what the model wrote
 
 
 def task_prompt(task: TaskSpec) -> str:
@@ -48,24 +52,32 @@ def task_prompt(task: TaskSpec) -> str:
 
 
 class Refiner:
-    """Holds the pi_Refine model version and samples refinements from it."""
+    """pi_Refine: builds the paper's refinement prompt and samples from the pi_Refine model version.
 
-    def __init__(self, registry: Registry):
+    The weights are served by the generation service (one batching engine for every model version),
+    so this service holds only which version is pi_Refine and talks to it through the contract.
+    """
+
+    def __init__(self, registry: Registry, generation: generation_pb2_grpc.GenerationStub):
         self.registry = registry
-        self._lock = threading.Lock()
-        self._sampling_lock = threading.Lock()
-        self.loaded: modeling.LoadedModel | None = None
+        self.generation = generation
+        self.version: str | None = None
 
     def start_version(self) -> str:
         return (config.get("ILF_REFINEMENT_MODEL") or self.registry.serving_version(CHANNEL)
                 or self.registry.ensure_base(config.get("ILF_BASE_MODEL")).version)
 
+    def _load(self, version: str) -> None:
+        try:
+            self.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=version), timeout=LOAD_CALL_S)
+        except grpc.RpcError as error:
+            raise upstream_error("generation", error) from None
+
     def switch(self, version: str) -> str:
-        """Loads the version, then serves it; a failed load leaves the current one serving."""
+        """Has the generation service load the version, then refines with it; a failed load changes nothing."""
         self.registry.get(version)
-        loaded = modeling.load_version(self.registry, version)
-        with self._lock:
-            self.loaded = loaded
+        self._load(version)
+        self.version = version
         if self.registry.serving_version(CHANNEL) != version:
             self.registry.promote(CHANNEL, version)
         log.info("refinement model is now %s", version)
@@ -76,19 +88,30 @@ class Refiner:
                seed: int | None = None) -> tuple[list[RefinedProgram], str, str]:
         """Returns (refined programs, the refinement prompt, the model version)."""
         _check_request(failing_program, feedback, n, max_new_tokens, temperature)
-        loaded = self.loaded
-        if loaded is None:
+        version = self.version
+        if version is None:
             raise Unavailable("the refinement model is still loading")
         gen_prompt = task_prompt(task)
         prompt = prompts.refinement_prompt(failing_program, feedback, gen_prompt)
-        # One batch at a time: sampling seeds torch's global generator, and parallel batches on
-        # the same cores only slow each other down.
-        with self._sampling_lock:
-            samples = modeling.sample(loaded, prompt, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                      max_new_tokens=max_new_tokens, stop=prompts.STOP_SEQUENCES,
-                                      repetition_penalty=repetition_penalty, seed=seed)
-        refined = [RefinedProgram(gen_prompt + prompts.truncate_completion(s.text), s) for s in samples]
-        return refined, prompt, loaded.version
+        request = generation_pb2.GenerateRequest(prompt=prompt, model_version=version, params=common_pb2.SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+            stop=prompts.STOP_SEQUENCES, repetition_penalty=repetition_penalty, seed=seed))
+        try:
+            reply = self._generate(request)
+        except grpc.RpcError as error:
+            raise upstream_error("generation", error) from None
+        refined = [RefinedProgram(gen_prompt + prompts.truncate_completion(c.text), c) for c in reply.completions]
+        return refined, prompt, reply.model_version
+
+    def _generate(self, request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateResponse:
+        try:
+            return self.generation.Generate(request, timeout=GENERATE_CALL_S)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        # The generation service keeps a few versions loaded and may have dropped pi_Refine: load it again.
+        self._load(request.model_version)
+        return self.generation.Generate(request, timeout=GENERATE_CALL_S)
 
 
 def _check_request(failing_program: str, feedback: str, n: int, max_new_tokens: int, temperature: float) -> None:

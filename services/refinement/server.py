@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from ilf import config
-from ilf.grpc_util import Server, setup_logging
+from ilf.errors import Unavailable
+from ilf.grpc_util import Server, channel, setup_logging
 from ilf.registry import Registry
 from ilf.store import open_store
-from ilf.v1 import common_pb2, refinement_pb2, refinement_pb2_grpc
+from ilf.v1 import generation_pb2_grpc, refinement_pb2, refinement_pb2_grpc
 from services.refinement.refiner import Refiner, TaskSpec
 
 log = logging.getLogger(__name__)
-
-FINISH_REASONS = {"length": common_pb2.FINISH_REASON_LENGTH, "eos": common_pb2.FINISH_REASON_EOS,
-                  "stop": common_pb2.FINISH_REASON_STOP}
 
 
 class RefinementServicer(refinement_pb2_grpc.RefinementServicer):
@@ -29,31 +28,36 @@ class RefinementServicer(refinement_pb2_grpc.RefinementServicer):
             top_k=p.top_k, max_new_tokens=p.max_new_tokens or 256, repetition_penalty=p.repetition_penalty or 1.0,
             seed=p.seed if p.HasField("seed") else None)
         return refinement_pb2.RefineResponse(
-            refinements=[refinement_pb2.RefinedProgram(program=r.program, completion=common_pb2.Completion(
-                text=r.sample.text, finish_reason=FINISH_REASONS[r.sample.finish_reason],
-                generated_tokens=r.sample.generated_tokens, prompt_tokens=r.sample.prompt_tokens)) for r in refined],
+            refinements=[refinement_pb2.RefinedProgram(program=r.program, completion=r.completion) for r in refined],
             model_version=version, prompt=prompt)
 
     def SwitchModel(self, request, context):
         return refinement_pb2.RefinementModelStatus(serving_version=self.refiner.switch(request.model_version))
 
     def GetModelStatus(self, request, context):
-        loaded = self.refiner.loaded
-        return refinement_pb2.RefinementModelStatus(serving_version=loaded.version if loaded else "")
+        return refinement_pb2.RefinementModelStatus(serving_version=self.refiner.version or "")
 
 
 def build_server(port: int) -> Server:
     """The server, not started; the first model loads in the background and health turns SERVING after it."""
-    refiner = Refiner(Registry(open_store()))
+    generation = generation_pb2_grpc.GenerationStub(channel(config.get("ILF_REFINEMENT_GENERATION_ADDR")
+                                                            or config.get("ILF_GENERATION_ADDR")))
+    refiner = Refiner(Registry(open_store()), generation)
     server = Server(["ilf.v1.Refinement"], port)
     server.add(refinement_pb2_grpc.add_RefinementServicer_to_server, RefinementServicer(refiner))
 
     def load_first_model():
-        try:
-            refiner.switch(refiner.start_version())
-        except Exception:  # noqa: BLE001 - stays NOT_SERVING, and says why
-            log.exception("the first refinement model failed to load")
-            return
+        # The generation service may start after this one: keep asking until it loads the model.
+        while True:
+            try:
+                refiner.switch(refiner.start_version())
+                break
+            except Unavailable as error:
+                log.info("waiting for the generation service: %s", error)
+                time.sleep(2)
+            except Exception:  # noqa: BLE001 - stays NOT_SERVING, and says why
+                log.exception("the first refinement model failed to load")
+                return
         server.set_serving(True)
     threading.Thread(target=load_first_model, name="load-model", daemon=True).start()
     return server
