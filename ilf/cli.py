@@ -121,7 +121,11 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_up(args) -> int:
+    import signal
+
     from ilf.local import LocalServices
+    # SIGTERM ends the context below like Ctrl-C does, so the services are stopped with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with LocalServices(Path(config.get("ILF_HOME")) / "logs") as services:
         print(json.dumps(services.addresses), flush=True)
         try:

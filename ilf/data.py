@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ilf import config
+from ilf.errors import FailedPrecondition
 
 SOURCES = {
     "mbpp.jsonl": (
@@ -36,8 +37,8 @@ SPLITS = {
 }
 
 
-class DataError(RuntimeError):
-    pass
+class DataError(FailedPrecondition):
+    """The data files are missing, cannot be downloaded, or fail their checksum."""
 
 
 def sha256_of(path: Path) -> str:
@@ -61,7 +62,11 @@ def data_file(name: str) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".part")
-        urllib.request.urlretrieve(url, partial)
+        try:
+            urllib.request.urlretrieve(url, partial)
+        except OSError as error:
+            raise DataError(f"cannot download {name} from {url} ({error}); set ILF_DATA_DIR to a folder "
+                            f"holding it") from None
         actual = sha256_of(partial)
         if actual != expected:
             partial.unlink()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import string
 
 # The model completes the function body; the output ends at the first later line that
 # starts at column 0 with a letter, '#' or a quote (a new top-level statement).
@@ -73,8 +74,10 @@ def truncate_completion(completion: str) -> str:
     return completion[: match.start()] if match else completion
 
 
-# Generation and refinement both stop sampling as soon as a body is over.
-STOP_SEQUENCES = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#", END_OF_TEXT]
+# Sampling stops where truncate_completion would cut: at a new line starting at column 0 with a
+# letter, '#' or a quote, or at end-of-text. Stopping there, rather than cutting a longer sample
+# afterwards, saves every token a small model would spend writing tests or chatter after the body.
+STOP_SEQUENCES = [f"\n{c}" for c in string.ascii_letters + "#'\""] + [END_OF_TEXT]
 
 
 def mbpp_prompt(task, *, strip: bool = True) -> str:

@@ -23,7 +23,10 @@ from ilf.v1 import common_pb2, execution_pb2, feedback_pb2, generation_pb2, refi
 
 log = logging.getLogger(__name__)
 
-TRAIN_SOURCES = ("refinements", "human", "gold")
+# refinements: pi_Refine's passing refinements (ILF); refinements+human: the same, plus the passing
+# human refinement attached to the feedback for tasks pi_Refine could not fix; human: the paper's human
+# refinements; gold: MBPP's programs.
+TRAIN_SOURCES = ("refinements", "refinements+human", "human", "gold")
 LONG_CALL_S = 1800
 
 
@@ -40,7 +43,7 @@ class RoundSettings:
     refine_samples: int = 2
     refine_temperature: float = 0.8
     max_new_tokens: int = 128
-    train_on: str = "refinements"    # refinements (ILF), human (human refinements) or gold (MBPP programs)
+    train_on: str = "refinements"    # one of TRAIN_SOURCES
     method: str = "lora"
     learning_rate: float = 0.0       # 0: the training service's default for the method
     epochs: int = 0
@@ -133,6 +136,7 @@ class FeedbackItem:
     program: str      # the failing program
     feedback: str
     record_id: str = ""  # the feedback record it came from, kept in the dataset for lineage
+    human_refinement: str = ""  # a repaired program the annotator wrote, if any
 
 
 def human_feedback(clients: Clients, limit: int = 0) -> list[FeedbackItem]:
@@ -147,7 +151,7 @@ def human_feedback(clients: Clients, limit: int = 0) -> list[FeedbackItem]:
     for record in records:
         first_per_task.setdefault(record.task_id, record)
     chosen = [first_per_task[t] for t in sorted(first_per_task)][: limit or None]
-    return [FeedbackItem(r.task_id, r.program, r.feedback, r.record_id) for r in chosen]
+    return [FeedbackItem(r.task_id, r.program, r.feedback, r.record_id, r.human_refinement) for r in chosen]
 
 
 def refine_and_filter(clients: Clients, items: list[FeedbackItem], settings: RoundSettings):
@@ -206,9 +210,28 @@ def refiner_records(annotations: list[data.Annotation]) -> list[dict]:
     return records
 
 
+def human_refinement_records(clients: Clients, items: list[FeedbackItem], settings: RoundSettings) -> list[dict]:
+    """Training pairs from the human refinements attached to feedback that pass their tests.
+
+    A refinement is usable only where it continues the task's prompt (some annotators edited the prompt too).
+    """
+    programs = {item.record_id: (item.human_refinement, data.task(item.task_id)) for item in items
+                if item.human_refinement.startswith(prompts.mbpp_prompt(data.task(item.task_id)))}
+    verdicts = _execute(clients, programs, settings.timeout_s) if programs else {}
+    return [{**_record(task, program, "human-refinement"), "feedback_record": rid}
+            for rid, (program, task) in programs.items() if verdicts[rid]]
+
+
 def training_records(settings: RoundSettings, clients: Clients, annotations: list[data.Annotation]):
-    if settings.train_on == "refinements":
-        return refine_and_filter(clients, human_feedback(clients, settings.train_tasks), settings)
+    if settings.train_on.startswith("refinements"):
+        items = human_feedback(clients, settings.train_tasks)
+        records, stats = refine_and_filter(clients, items, settings)
+        if settings.train_on == "refinements+human":
+            fixed = {r["task_id"] for r in records}
+            human = human_refinement_records(clients, [i for i in items if i.task_id not in fixed], settings)
+            records += human
+            stats["human_refinements_for_unfixed_tasks"] = len(human)
+        return records, stats
     if settings.train_on == "human":
         programs = {str(a.task_id): (_human_program(a), data.task(a.task_id)) for a in annotations}
     else:
@@ -285,7 +308,7 @@ def run_round(settings: RoundSettings, clients: Clients, store: ArtifactStore) -
 
     before = evaluate(clients, eval_tasks, settings, label="evaluate serving model")
     report["before"] = _evaluation_summary(before)
-    if settings.train_on == "refinements" and settings.train_refiner:
+    if settings.train_on.startswith("refinements") and settings.train_refiner:
         report["refiner"] = train_refiner(clients, store, settings, round_id)
     records, report["data"] = training_records(settings, clients, annotations)
     if not records:

@@ -46,3 +46,11 @@ def test_truncate_completion_cuts_at_end_of_text_and_new_top_level_lines():
 
 def test_completion_after():
     assert prompts.completion_after("PROMPT body", "PROMPT") == " body"
+
+
+def test_stop_sequences_end_sampling_exactly_where_the_completion_is_cut():
+    samples = ["\n    return 1\nprint(f())", "\n    x = 2\n\n    return x\n# done", "\n    y = 'a'\n\"doc\"",
+               "\n    return [\n1]\nassert f() == 1", "\n    return 2<|endoftext|>more", "\n    pass\n    \n"]
+    for sample in samples:
+        cut = min((sample.find(s) for s in prompts.STOP_SEQUENCES if s in sample), default=len(sample))
+        assert sample[:cut] == prompts.truncate_completion(sample)

@@ -55,6 +55,19 @@ def test_round_without_passing_refinement_keeps_the_serving_model(system):
     assert json.loads(store.get(f"{report['artifacts']}/report.json"))["before"]["model_version"] == before
 
 
+def test_human_refinements_stand_in_where_pi_refine_fixed_nothing(system):
+    _, store, clients = system
+    settings = RoundSettings(**{**SMALL, "train_on": "refinements+human", "train_refiner": False, "switch": False})
+    report = run_round(settings, clients, store)
+    assert report["data"]["passing_refinements"] == 0
+    # of the first three MBPP_Train tasks with feedback (311, 315, 321), task 315's annotator also edited
+    # the prompt, so that refinement cannot follow the task's prompt and is left out
+    assert report["data"]["human_refinements_for_unfixed_tasks"] == report["dataset"]["records"] == 2
+    records = datasets.read_dataset(store, report["dataset"]["key"])
+    assert {r["source"] for r in records} == {"human-refinement"} and all(r["feedback_record"] for r in records)
+    assert report["outcome"].startswith("candidate") and "not promoted" in report["outcome"]
+
+
 def test_round_trains_evaluates_and_switches_to_the_new_version(system):
     _, store, clients = system
     before = serving_version(clients)
