@@ -103,6 +103,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_TRAINING_K8S_IMAGE", "ilf:latest", "Container image of the training Jobs (has `python -m trainer`)."),
     Setting("ILF_TRAINING_K8S_SECRET", "ilf-s3", "Secret whose keys (ILF_S3_*) become the trainer's environment."),
     Setting("ILF_TRAINING_K8S_GPUS", "0", "nvidia.com/gpu limit of a training Job; 0 on CPU clusters."),
+    Setting("ILF_TRAINING_K8S_NODE_SELECTOR", "",
+            'nodeSelector of training Job pods as JSON, e.g. {"nvidia.com/gpu.present": "true"}; empty: none.'),
+    Setting("ILF_TRAINING_K8S_TOLERATIONS", "",
+            'tolerations of training Job pods as a JSON list, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", '
+            '"effect": "NoSchedule"}]; empty: none.'),
     Setting("ILF_TRAINING_K8S_BACKOFF_LIMIT", "1", "Pod retries of a training Job before it fails (a retry resumes)."),
     Setting("ILF_TRAINING_K8S_TTL_S", "86400", "Seconds a finished training Job is kept before Kubernetes deletes it."),
     Setting("ILF_TRAINING_K8S_CPU", "2", "CPU request of a training Job."),

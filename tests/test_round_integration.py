@@ -68,6 +68,17 @@ def test_human_refinements_stand_in_where_pi_refine_fixed_nothing(system):
     assert report["outcome"].startswith("candidate") and "not promoted" in report["outcome"]
 
 
+def test_the_evaluation_gate_keeps_a_candidate_that_is_not_better_enough_unpromoted(system):
+    _, store, clients = system
+    before = serving_version(clients)
+    # a negative margin demands an improvement of more than 100 points of pass@1: no candidate can pass
+    report = run_round(RoundSettings(**{**SMALL, "train_on": "gold", "promote_margin": -1.0}), clients, store)
+    candidate = report["run"]["model_version"]
+    assert report["outcome"].startswith(f"candidate {candidate} not promoted")
+    assert serving_version(clients) == before
+    assert Registry(store).get(candidate).lineage["purpose"] == "generation"  # registered, just not serving
+
+
 def test_round_trains_evaluates_and_switches_to_the_new_version(system):
     _, store, clients = system
     before = serving_version(clients)

@@ -235,6 +235,9 @@ FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 def test_a_real_trainer_run_goes_through_a_kubernetes_job(cluster, monkeypatch):
     import kubernetes_validate
     monkeypatch.setenv("ILF_TRAINING_K8S_GPUS", "1")
+    monkeypatch.setenv("ILF_TRAINING_K8S_NODE_SELECTOR", '{"nvidia.com/gpu.present": "true"}')
+    monkeypatch.setenv("ILF_TRAINING_K8S_TOLERATIONS",
+                       '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]')
     runs = manager()
     try:
         run = runs.submit(cluster["dataset"], cluster["base"], SMALL, "refinement")
@@ -256,6 +259,8 @@ def test_a_real_trainer_run_goes_through_a_kubernetes_job(cluster, monkeypatch):
     assert container.env_from[0].secret_ref.name == "ilf-s3"
     assert spec.backoff_limit == 0 and spec.active_deadline_seconds == 86400 and spec.ttl_seconds_after_finished > 0
     assert spec.template.spec.restart_policy == "Never"
+    assert spec.template.spec.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert spec.template.spec.tolerations[0].key == "nvidia.com/gpu"
 
 
 def test_crash_in_the_pod_fails_the_run_with_the_exit_code(cluster):

@@ -7,9 +7,11 @@ pod's termination (OOMKilled, exit code) says why.
 """
 from __future__ import annotations
 
+import json
 import time
 
 from ilf import config
+from ilf.errors import InvalidArgument
 from services.training.launchers import JobStatus, Launcher, exit_reason, trainer_command
 
 RUN_LABEL = "ilf.run-id"
@@ -37,6 +39,19 @@ def api_client():
     return client.ApiClient()
 
 
+def placement() -> dict:
+    """nodeSelector and tolerations of the trainer pod (JSON settings), e.g. to land on tainted GPU nodes."""
+    fields = {}
+    for key, name in (("nodeSelector", "ILF_TRAINING_K8S_NODE_SELECTOR"), ("tolerations", "ILF_TRAINING_K8S_TOLERATIONS")):
+        raw = config.get(name)
+        if raw:
+            try:
+                fields[key] = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise InvalidArgument(f"{name} is not valid JSON: {error}") from None
+    return fields
+
+
 def job_manifest(run_id: str, store_url: str) -> dict:
     gpus = int(config.get("ILF_TRAINING_K8S_GPUS"))
     limits = {"memory": config.get("ILF_TRAINING_K8S_MEMORY"), **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
@@ -61,7 +76,7 @@ def job_manifest(run_id: str, store_url: str) -> dict:
             "ttlSecondsAfterFinished": int(config.get("ILF_TRAINING_K8S_TTL_S")),
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"restartPolicy": "Never", "containers": [container]},
+                "spec": {"restartPolicy": "Never", "containers": [container], **placement()},
             },
         },
     }
