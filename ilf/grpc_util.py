@@ -98,14 +98,19 @@ class Server:
         authenticate = [checker] if (checker := auth.server_interceptor(host)) else []
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=[*authenticate, *interceptors, ErrorInterceptor()], options=channel_options())
+            interceptors=[*authenticate, *interceptors, ErrorInterceptor()],
+            # Without SO_REUSEPORT a second server on a taken port fails instead of silently sharing it.
+            options=[*channel_options(), ("grpc.so_reuseport", 0)])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server)
         address = f"{host}:{port}"
-        self.port = (self.grpc_server.add_secure_port(address, credentials) if credentials
-                     else self.grpc_server.add_insecure_port(address))
+        try:
+            self.port = (self.grpc_server.add_secure_port(address, credentials) if credentials
+                         else self.grpc_server.add_insecure_port(address))
+        except RuntimeError as error:  # grpc's way of saying the address is taken
+            raise OSError(f"cannot listen on {address}: {error}") from None
         self.set_serving(False)
 
     def add(self, add_to_server: Callable, servicer) -> None:
