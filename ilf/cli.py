@@ -70,7 +70,7 @@ def cmd_round(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Starts the four services as local processes, runs one round, stops them."""
+    """Starts the services as local processes, runs one round, stops them."""
     from ilf.clients import Clients
     from ilf.local import LocalServices
     from ilf.round import run_round
@@ -78,7 +78,7 @@ def cmd_demo(args) -> int:
     _apply_paper(args)
     started = time.monotonic()
     log_dir = Path(config.get("ILF_HOME")) / "logs"
-    print(f"starting the four services (logs in {log_dir}); the first start converts SmolLM2 once", flush=True)
+    print(f"starting the services (logs in {log_dir}); the first start converts SmolLM2 once", flush=True)
     with LocalServices(log_dir) as services:
         print(f"services up after {time.monotonic() - started:.0f} s: {services.addresses}", flush=True)
         report = run_round(_round_settings(args), Clients.connect(**services.addresses), open_store())

@@ -1,4 +1,4 @@
-"""gRPC clients of the four services, as the round and the command line use them."""
+"""gRPC clients of the services, as the round and the command line use them."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""One ILF round, driven as a gRPC client of the four services (paper Algorithm 1).
+"""One ILF round, driven as a gRPC client of the services (paper Algorithm 1).
 
 evaluate the serving model -> refine annotated failing programs with their feedback -> keep the
 refinements that pass the tests -> fine-tune -> evaluate the candidate on the same tasks and
