@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -121,11 +122,7 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_up(args) -> int:
-    import signal
-
     from ilf.local import LocalServices
-    # SIGTERM ends the context below like Ctrl-C does, so the services are stopped with it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with LocalServices(Path(config.get("ILF_HOME")) / "logs") as services:
         print(json.dumps(services.addresses), flush=True)
         try:
@@ -208,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config", help="print the configuration reference").set_defaults(
         func=lambda _: print(config.markdown_table()) or 0)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C does, so services started by `up`, `demo` or `reproduce --local` stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return args.func(args) or 0
 
 
