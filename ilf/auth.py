@@ -180,7 +180,20 @@ def with_caller(handler, who: Caller):
 
 
 def server_interceptor(bind_host: str) -> AuthInterceptor | None:
-    """The interceptor the settings ask for; refuses to serve beyond loopback without a decision.
+    """The interceptor the settings ask for (see configured_tokens)."""
+    tokens = configured_tokens(bind_host)
+    return AuthInterceptor(tokens) if tokens else None
+
+
+def client_headers() -> dict[str, str]:
+    """HTTP headers carrying ILF_AUTH_TOKEN, for the HTTP APIs (TGI) that services call."""
+    token = config.get("ILF_AUTH_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def configured_tokens(bind_host: str) -> TokenFile | None:
+    """The tokens a server on bind_host checks, or None when auth is off; refuses to serve beyond
+    loopback without a decision.
 
     ILF_AUTH=on needs ILF_AUTH_TOKENS_FILE; off disables checks; auto (default) is on with a tokens
     file, off on a loopback bind (only local processes can connect), and an error otherwise.
@@ -192,7 +205,7 @@ def server_interceptor(bind_host: str) -> AuthInterceptor | None:
     if mode == "off":
         return None
     if path:
-        return AuthInterceptor(TokenFile(path))
+        return TokenFile(path)
     if mode == "auto" and bind_host in LOOPBACK_HOSTS:
         return None
     raise RuntimeError(f"refusing to serve on {bind_host} without authentication: set ILF_AUTH_TOKENS_FILE "

@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     from ilf.reproduce import METHODS
     reproduce = sub.add_parser("reproduce", help="the paper's comparison of methods on one base model")
     _add_round_flags(reproduce)
+    # Sized to finish in about an hour on 2 CPU cores with SmolLM2-135M: every MBPP_Test task, greedy;
+    # the first 48 annotated MBPP_Train tasks. --paper sets the paper's sizes.
+    reproduce.set_defaults(eval_tasks=0, train_tasks=48)
     reproduce.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     reproduce.add_argument("--local", action="store_true", help="start the services here for the run")
     reproduce.set_defaults(func=cmd_reproduce)

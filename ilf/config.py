@@ -50,7 +50,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "Generation backend: transformers (in process) or tgi (a remote TGI server at ILF_GENERATION_TGI_URL)."),
     Setting("ILF_GENERATION_TGI_URL", "", "Base URL of the TGI server the tgi backend calls, e.g. http://host:8080."),
     Setting("ILF_GENERATION_HTTP_PORT", "",
-            "Port of the generation service's TGI-protocol HTTP endpoint (generate, generate_stream); empty: off."),
+            "Port of the generation service's TGI-protocol HTTP endpoint (generate, generate_stream; "
+            "checks the same bearer tokens as gRPC, /health excepted); empty: off."),
     Setting("ILF_GENERATION_MAX_QUEUE", "64", "Requests that may wait for a batch slot; more get RESOURCE_EXHAUSTED."),
     Setting("ILF_GENERATION_MAX_BATCH_ROWS", "64", "Samples decoded together in one continuous batch."),
     Setting("ILF_GENERATION_MAX_N", "64", "Largest n (samples per request)."),
@@ -71,7 +72,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "else the services refuse to start)."),
     Setting("ILF_AUTH_TOKENS_FILE", "",
             "Tokens the services accept: JSON [{token, role, name}] or lines `token role [name]`; role client or operator."),
-    Setting("ILF_AUTH_TOKEN", "", "Bearer token clients (and services calling services) send."),
+    Setting("ILF_AUTH_TOKEN", "", "Bearer token clients (and services calling services, over gRPC or TGI HTTP) send."),
     Setting("ILF_TLS_CERT", "", "PEM certificate of this server, also presented as client certificate when set."),
     Setting("ILF_TLS_KEY", "", "PEM private key of ILF_TLS_CERT."),
     Setting("ILF_TLS_CA", "", "PEM CA bundle: clients use TLS and verify servers with it; servers verify client certificates."),

@@ -60,9 +60,10 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
     notes = data.annotations("train")[: settings.train_tasks or None]
     base = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
     report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base,
-              "eval_task_ids": [t.task_id for t in tasks], "methods": {}}
+              "eval_task_ids": [t.task_id for t in tasks], "methods_requested": list(methods), "methods": {}}
     refiner = None
-    for method in methods:
+    prefix = f"reports/{tag}"
+    for method in tqdm(methods, desc="methods", unit="method"):
         row: dict = {}
         if method == "zero-shot":
             evaluation = evaluate(clients, tasks, settings, base, label="evaluate zero-shot")
@@ -78,6 +79,7 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             if not records:
                 row["outcome"] = "no training example passed the tests: nothing to fine-tune"
                 report["methods"][method] = row
+                _publish(report, store, prefix, started)
                 continue
             dataset = datasets.put_dataset(store, records, name=f"{tag}-{method}")
             run = train(clients, dataset, base, settings)
@@ -87,16 +89,25 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             row.update(dataset=dataset, run_id=run.run_id, final_loss=run.progress.loss)
         row.update(_summary(evaluation))
         report["methods"][method] = row
-    if refiner:
-        report["refiner"] = refiner
+        if refiner:
+            report["refiner"] = refiner
+        _publish(report, store, prefix, started)
+    report["complete"] = True
+    _publish(report, store, prefix, started)
+    return report
+
+
+def _publish(report: dict, store: ArtifactStore, prefix: str, started: float) -> None:
+    """Writes the results so far, so an interrupted run keeps every method it finished."""
+    report.setdefault("complete", False)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     report["markdown"] = markdown_table(report)
-    prefix = f"reports/{tag}"
-    store.put(f"{prefix}/results.json", json.dumps(report, indent=2).encode())
-    store.put(f"{prefix}/results.md", report["markdown"].encode())
-    store.put(f"{prefix}/results.png", bar_chart(report))
     report["artifacts"] = prefix
-    return report
+    store.put(f"{prefix}/results.json", json.dumps(report, indent=2).encode(), overwrite=True)
+    store.put(f"{prefix}/results.md", report["markdown"].encode(), overwrite=True)
+    store.put(f"{prefix}/results.png", bar_chart(report), overwrite=True)
+    tqdm.write(f"results so far ({len(report['methods'])} of {len(report['methods_requested'])} methods): "
+               f"{store.url}/{prefix}/results.md")
 
 
 def _summary(evaluation: Evaluation) -> dict:
@@ -123,6 +134,8 @@ def markdown_table(report: dict) -> str:
                   f"{s['train_tasks'] or 128} annotated MBPP_Train tasks, {s['refine_samples']} refinement(s) each; "
                   f"fine-tuning method {s['method']}. 95% intervals: bootstrap over tasks. Wall time "
                   f"{report['wall_seconds']:.0f} s."]
+    if not report.get("complete", True):
+        lines.append(f"Partial: {len(report['methods'])} of {len(report['methods_requested'])} methods done so far.")
     if "refiner" in report:
         lines.append(f"pi_Refine: `{report['refiner']['model_version']}` trained on "
                      f"{report['refiner']['examples']} MBPP_Refine triples.")

@@ -114,3 +114,48 @@ def test_failed_decode_step_fails_its_requests_and_the_engine_recovers(generatio
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "simulated worker crash" in error.value.details()
     assert len(stub.Generate(request, timeout=60).completions) == 2  # no restart by hand
+
+
+def test_scheduler_failure_fails_in_flight_requests_and_serving_continues(generation, monkeypatch):
+    from ilf.v1 import common_pb2, generation_pb2
+    from services.generation.engine import Engine
+    _, stub = generation
+    real_admit = Engine._admit
+    faults = []
+
+    def admit_with_fault(self):
+        real_admit(self)
+        if self._batches and not faults:
+            faults.append(self)
+            raise RuntimeError("simulated scheduler bug")
+    monkeypatch.setattr(Engine, "_admit", admit_with_fault)
+    request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
+        n=2, max_new_tokens=8))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(request, timeout=60)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "simulated scheduler bug" in error.value.details()
+    assert len(stub.Generate(request, timeout=60).completions) == 2
+
+
+def test_dead_scheduler_thread_is_replaced_without_a_restart_by_hand(generation, monkeypatch):
+    """The scheduler thread itself dies (here by SystemExit); the watchdog starts a new one."""
+    from ilf.v1 import common_pb2, generation_pb2
+    from services.generation.engine import Engine
+    server, stub = generation
+    engine = server.backend.engine
+    real_admit = Engine._admit
+    kills = []
+
+    def admit_then_die(self):
+        real_admit(self)
+        if self._batches and not kills:
+            kills.append(threading.current_thread())
+            raise SystemExit("simulated scheduler thread death")
+    monkeypatch.setattr(Engine, "_admit", admit_then_die)
+    request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
+        n=2, max_new_tokens=8))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(request, timeout=60)  # in flight when its thread died: answered by the watchdog
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "scheduler died" in error.value.details()
+    assert not kills[0].is_alive() and engine.scheduler_restarts == 1
+    assert len(stub.Generate(request, timeout=60).completions) == 2

@@ -61,6 +61,34 @@ def test_text_generation_client_against_the_http_endpoint(tgi_served):
     assert requests.get(f"{server.http.url}/health", timeout=5).status_code == 200
 
 
+def test_http_endpoint_checks_bearer_tokens_and_the_tgi_backend_sends_one(ilf_env, monkeypatch, tmp_path):
+    import requests
+    from text_generation import Client
+    from text_generation.errors import UnknownError
+    token = "client-token-0123456789abcdef"
+    (tmp_path / "tokens").write_text(f"{token} client team-a\n")
+    monkeypatch.setenv("ILF_AUTH_TOKENS_FILE", str(tmp_path / "tokens"))
+    monkeypatch.setenv("ILF_AUTH_TOKEN", token)  # what this test's gRPC stubs and the TGI backend send
+    monkeypatch.setenv("ILF_GENERATION_HTTP_PORT", "0")
+    server = start_server()
+    monkeypatch.setenv("ILF_GENERATION_BACKEND", "tgi")
+    monkeypatch.setenv("ILF_GENERATION_TGI_URL", server.http.url)
+    monkeypatch.delenv("ILF_GENERATION_HTTP_PORT")
+    front = start_server()
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789abcdef"}, {"Authorization": token}):
+            with pytest.raises(UnknownError, match="bearer token"):
+                Client(server.http.url, headers=headers).generate(PROMPT, max_new_tokens=2)
+            assert requests.get(f"{server.http.url}/info", headers=headers, timeout=5).status_code == 401
+        assert requests.get(f"{server.http.url}/health", timeout=5).status_code == 200  # probes need no token
+        authorized = Client(server.http.url, headers={"Authorization": f"Bearer {token}"})
+        assert authorized.generate(PROMPT, max_new_tokens=2).details.generated_tokens == 2
+        request = generation_pb2.GenerateRequest(prompt=PROMPT, params=params(max_new_tokens=4))
+        assert stub_for(front).Generate(request).completions[0].text == stub_for(server).Generate(request).completions[0].text
+    finally:
+        _stop(front, server)
+
+
 def test_tgi_backend_through_another_generation_service(tgi_served, monkeypatch):
     server, stub = tgi_served
     monkeypatch.setenv("ILF_GENERATION_BACKEND", "tgi")

@@ -100,10 +100,26 @@ def test_round_trains_evaluates_and_switches_to_the_new_version(system):
     assert reply.model_version == candidate and len(reply.completions) == 2
 
 
+class ResultsHistory:
+    """The real store, remembering every version of results.json written through it."""
+
+    def __init__(self, store):
+        self.store, self.versions = store, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def put(self, key, data, **kwargs):
+        self.store.put(key, data, **kwargs)
+        if key.endswith("/results.json"):
+            self.versions.append(json.loads(data))
+
+
 def test_reproduce_compares_every_method_on_the_same_tasks_without_promoting(system):
     _, store, clients = system
     serving = serving_version(clients)
-    report = reproduce(RoundSettings(**SMALL), clients, store)
+    history = ResultsHistory(store)
+    report = reproduce(RoundSettings(**SMALL), clients, history)
     rows = report["methods"]
     assert list(rows) == list(METHODS)
     assert rows["zero-shot"]["model_version"] == serving == serving_version(clients)
@@ -119,6 +135,11 @@ def test_reproduce_compares_every_method_on_the_same_tasks_without_promoting(sys
     assert "| ILF (human feedback) |" in report["markdown"]
     assert store.get(f"{report['artifacts']}/results.png")[:4] == b"\x89PNG"
     assert json.loads(store.get(f"{report['artifacts']}/results.json"))["methods"].keys() == rows.keys()
+    # results are published after every method, so an interrupted run keeps what it finished
+    assert [list(v["methods"]) for v in history.versions[:len(METHODS)]] == [
+        list(METHODS[:i + 1]) for i in range(len(METHODS))]
+    assert [v["complete"] for v in history.versions] == [False] * len(METHODS) + [True]
+    assert "Partial: 1 of 5 methods" in history.versions[0]["markdown"]
 
 
 def test_retraining_policy_starts_a_round_when_enough_new_feedback_arrived(system):

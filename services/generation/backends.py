@@ -5,10 +5,11 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 
-from ilf import config
 from text_generation import Client
 from text_generation.errors import OverloadedError, ValidationError
 
+from ilf import config
+from ilf.auth import client_headers
 from ilf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ilf.modeling import Sample, configure_torch
 from ilf.registry import Registry
@@ -100,12 +101,12 @@ class TgiBackend(Backend):
         if not url:
             raise InvalidArgument("the tgi backend needs ILF_GENERATION_TGI_URL")
         self.url = url.rstrip("/")
-        self.client = Client(self.url, timeout=timeout_s)
+        self.client = Client(self.url, headers=client_headers(), timeout=timeout_s)
         self.version = ""
 
     def start(self) -> None:
         import requests
-        info = requests.get(f"{self.url}/info", timeout=30)
+        info = requests.get(f"{self.url}/info", headers=client_headers(), timeout=30)
         info.raise_for_status()
         self.version = info.json().get("model_id", "") or self.url
 

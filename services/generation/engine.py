@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -86,8 +87,14 @@ class Engine:
         self._wakeup = threading.Condition()
         self._stopped = False
         self.steps = 0
-        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
-        self._thread.start()
+        self.scheduler_restarts = 0
+        self._thread = self._start_scheduler()
+        threading.Thread(target=self._watch_scheduler, name="generation-watchdog", daemon=True).start()
+
+    def _start_scheduler(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        thread.start()
+        return thread
 
     # public
     def submit(self, loaded: LoadedModel, prompt: str, settings: Settings) -> GenerationHandle:
@@ -105,6 +112,8 @@ class Engine:
         with self._wakeup:
             if self._stopped:
                 raise Unavailable("the generation engine is shutting down")
+            if not self._thread.is_alive():
+                self._restart_scheduler()
             if len(self._pending) >= self.max_queue:
                 raise ResourceExhausted(f"generation queue is full ({self.max_queue} waiting requests); retry later")
             self._pending.append(_Pending(handle, loaded, input_ids, settings))
@@ -126,6 +135,27 @@ class Engine:
         self._thread.join(timeout=30)
 
     # scheduler
+    def _restart_scheduler(self) -> None:
+        """Replaces a scheduler thread that died: its running samples fail, waiting requests are kept."""
+        log.error("the generation scheduler thread had died; starting a new one")
+        self._fail_running(Unavailable("the generation scheduler died during this request; retry"))
+        self.scheduler_restarts += 1
+        self._thread = self._start_scheduler()
+
+    def _watch_scheduler(self, interval_s: float = 0.5) -> None:
+        """Restarts the scheduler if it dies while nobody submits, so waiting requests are not stranded."""
+        while not self._stopped:
+            time.sleep(interval_s)  # not a wait on the condition: that would swallow the scheduler's wake-ups
+            with self._wakeup:
+                if not self._stopped and not self._thread.is_alive():
+                    self._restart_scheduler()
+
+    def _fail_running(self, failure: Exception) -> None:
+        for batch in self._batches.values():
+            for row in batch.rows:
+                row.handle.push(failure)
+        self._batches.clear()
+
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
@@ -134,25 +164,32 @@ class Engine:
                         self._wakeup.wait()
                     if self._stopped:
                         break
-                self._admit()
-                for key, batch in list(self._batches.items()):
-                    try:
-                        self._step(batch)
-                    except Exception as error:  # noqa: BLE001 - fail this batch's requests, keep serving
-                        log.exception("decode step failed on %s", batch.loaded.version)
-                        # UNAVAILABLE: the request was fine and a retry runs in a fresh batch.
-                        failure = Unavailable(f"the decode step failed ({type(error).__name__}: {error}); retry")
-                        for row in batch.rows:
-                            row.handle.push(failure)
-                        batch.rows = []
-                    if not batch.rows:
-                        del self._batches[key]
-                self.steps += 1
-        for batch in self._batches.values():
-            for row in batch.rows:
-                row.handle.push(Unavailable("the generation engine stopped"))
+                try:
+                    self._schedule_once()
+                except Exception as error:  # noqa: BLE001 - a scheduler bug fails what runs, not the service
+                    log.exception("generation scheduler failed")
+                    self._fail_running(Unavailable(f"the generation scheduler failed ({type(error).__name__}: "
+                                                   f"{error}); retry"))
+        self._fail_running(Unavailable("the generation engine stopped"))
         for pending in self._pending:
             pending.handle.push(Unavailable("the generation engine stopped"))
+
+    def _schedule_once(self) -> None:
+        """Admits waiting requests, then decodes one token for every running batch."""
+        self._admit()
+        for key, batch in list(self._batches.items()):
+            try:
+                self._step(batch)
+            except Exception as error:  # noqa: BLE001 - fail this batch's requests, keep serving
+                log.exception("decode step failed on %s", batch.loaded.version)
+                # UNAVAILABLE: the request was fine and a retry runs in a fresh batch.
+                failure = Unavailable(f"the decode step failed ({type(error).__name__}: {error}); retry")
+                for row in batch.rows:
+                    row.handle.push(failure)
+                batch.rows = []
+            if not batch.rows:
+                del self._batches[key]
+        self.steps += 1
 
     def _admit(self) -> None:
         """Moves waiting requests into batches, first come first served, while rows are free."""

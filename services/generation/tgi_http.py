@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from ilf import config
+from ilf.auth import configured_tokens
 from ilf.errors import IlfError, InvalidArgument
 
 from .backends import Backend
@@ -83,6 +84,7 @@ class TgiHttpServer:
         self.backend = backend
         self.host = host or config.get("ILF_BIND_HOST")
         self.port = port
+        self._tokens = configured_tokens(self.host)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="tgi-http", daemon=True)
@@ -108,8 +110,18 @@ class TgiHttpServer:
         self._started.set()
         self._loop.run_forever()
 
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler):
+        """Every route but /health needs a known bearer token (any role: these are client calls)."""
+        if self._tokens is not None and request.path != "/health":
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or self._tokens.lookup(token.strip()) is None:
+                return web.json_response({"error": "a valid bearer token is required (header `Authorization: "
+                                                   "Bearer <token>`)", "error_type": "unauthorized"}, status=401)
+        return await handler(request)
+
     async def _listen(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._authenticate])
         app.add_routes([web.post("/", self._root), web.post("/generate", self._generate),
                         web.post("/generate_stream", self._generate_stream),
                         web.get("/info", self._info), web.get("/health", self._health)])
