@@ -28,16 +28,29 @@ PRELOADED_MODULES = ("re", "math", "heapq", "itertools", "functools", "bisect", 
                      "random", "datetime", "decimal", "fractions", "statistics", "array", "cmath", "typing")
 # Compared like dict (Counter({"a": 1}) == {"a": 1} in Python too).
 DICT_TYPES = (dict, collections.Counter, collections.OrderedDict, collections.defaultdict)
-# Grace period for the child's last frames after its deadline has passed.
-DRAIN_S = 0.05
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once: every child calls prctl
 
 
-def read_frame(stream):
+def read_raw_frame(stream):
     header = stream.read(4)
     if len(header) < 4:
         return None
     (size,) = struct.unpack(">I", header)
-    return json.loads(stream.read(size))
+    return stream.read(size)
+
+
+def read_all(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def read_frame(stream):
+    raw = read_raw_frame(stream)
+    return None if raw is None else json.loads(raw)
 
 
 def write_frame(stream, message):
@@ -88,8 +101,6 @@ def describe(error):
 def seccomp_installer(bpf):
     """Prepares, in the checker, everything a child needs to load the seccomp filter (a classic-BPF
     program built by the service with libseccomp), so each child only makes two prctl calls."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
@@ -97,8 +108,8 @@ def seccomp_installer(bpf):
     pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
 
     def install():
-        if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or \
-                libc.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(program), 0, 0) != 0:
+        if LIBC.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or \
+                LIBC.prctl(pr_set_seccomp, seccomp_mode_filter, ctypes.byref(program), 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "seccomp filter not loaded")
     return install
 
@@ -170,9 +181,13 @@ class Capture:
 
 
 def kill_everything(child, own_pid_namespace):
-    """Kills the child and everything it started. In the sandbox's own PID namespace every other
-    process belongs to the program, so kill(-1) reaches daemons that left the process group."""
+    """Kills the child and everything it started, and returns the child's wait status. In the
+    sandbox's own PID namespace every other process belongs to the program, so kill(-1) reaches
+    daemons that left the process group. Exited processes are reaped first, so a program that
+    started nothing costs one kill() that finds no one."""
+    status = None
     for _ in range(200):
+        status = reap(child, status)
         try:
             if own_pid_namespace:
                 os.kill(-1, signal.SIGKILL)
@@ -180,11 +195,26 @@ def kill_everything(child, own_pid_namespace):
                 os.killpg(child, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             break
-        try:
-            os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            pass
         time.sleep(0.0002)
+    if status is None:
+        try:
+            status = os.waitpid(child, 0)[1]
+        except ChildProcessError:
+            status = 0
+    return status
+
+
+def reap(child, status):
+    """Collects every exited child without waiting; returns `child`'s status once it is seen."""
+    while True:
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return status
+        if pid == 0:
+            return status
+        if pid == child:
+            status = code
 
 
 def wipe(folder):
@@ -205,36 +235,77 @@ def wipe(folder):
             pass
 
 
-def run_job(job, config):
-    result_read, result_write = os.pipe()
-    out_read, out_write = os.pipe()
-    err_read, err_write = os.pipe()
-    started = time.monotonic()
-    child = os.fork()
-    if child == 0:
+class Spare:
+    """A child forked before its job arrives, waiting on a pipe: the fork and the child's stdio
+    set-up happen while the service is busy elsewhere, not on the job's clock."""
+
+    def __init__(self, config):
+        job_read, self.job_write = os.pipe()
+        self.result_read, result_write = os.pipe()
+        self.out_read, out_write = os.pipe()
+        self.err_read, err_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.setpgid(0, 0)
+                set_dumpable(True)  # the program's own /proc entries stay readable to it
+                os.dup2(job_read, 0)
+                os.dup2(out_write, 1)
+                os.dup2(err_write, 2)
+                os.dup2(result_write, 3)
+                os.closerange(4, 1 << 16)
+                channel = os.fdopen(3, "w", encoding="utf-8")
+                sys.stdout = os.fdopen(1, "w", encoding="utf-8", errors="backslashreplace", buffering=1)
+                sys.stderr = os.fdopen(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1)
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                job = json.loads(read_all(0))
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)  # the program reads an empty stdin, not the job
+                os.close(null)
+                run_child(job, config, channel)
+            finally:
+                os._exit(71)
+        for fd in (job_read, result_write, out_write, err_write):
+            os.close(fd)
+
+    def hand_over(self, raw_job):
+        """Gives the job to the child; False if the child is gone (the caller forks another)."""
         try:
-            os.setpgid(0, 0)
-            set_dumpable(True)  # the program's own /proc entries stay readable to it
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out_write, 1)
-            os.dup2(err_write, 2)
-            os.dup2(result_write, 3)
-            os.closerange(4, 1 << 16)
-            channel = os.fdopen(3, "w", encoding="utf-8")
-            sys.stdout = os.fdopen(1, "w", encoding="utf-8", errors="backslashreplace", buffering=1)
-            sys.stderr = os.fdopen(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1)
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-            run_child(job, config, channel)
+            view = memoryview(raw_job)
+            while view:
+                view = view[os.write(self.job_write, view):]
+            return True
+        except BrokenPipeError:
+            return False
         finally:
-            os._exit(71)
-    for fd in (result_write, out_write, err_write):
-        os.close(fd)
+            os.close(self.job_write)
+
+    def discard(self):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        for fd in (self.result_read, self.out_read, self.err_read):
+            os.close(fd)
+
+
+def run_job(job, raw_job, config, spare):
+    """Runs one job on the spare child (forking a fresh one if the spare died)."""
+    started = time.monotonic()
+    while not spare.hand_over(raw_job):
+        spare.discard()
+        spare = Spare(config)
+    child = spare.pid
     deadline = started + job["timeout_s"]
     cap = config["max_output_bytes"]
-    stdout, stderr = Capture(out_read, cap), Capture(err_read, cap)
-    results = Capture(result_read, config["max_result_bytes"])
-    open_streams = {out_read: stdout, err_read: stderr, result_read: results}
+    stdout, stderr = Capture(spare.out_read, cap), Capture(spare.err_read, cap)
+    results = Capture(spare.result_read, config["max_result_bytes"])
+    result_read = spare.result_read
+    open_streams = {spare.out_read: stdout, spare.err_read: stderr, result_read: results}
     arrivals = []  # seconds since start at which each result line was complete
     timed_out = False
     while result_read in open_streams:
@@ -250,17 +321,12 @@ def run_job(job, config):
             elif fd == result_read:
                 now = time.monotonic() - started
                 arrivals += [now] * (results.data.count(b"\n") - before)
-    kill_everything(child, config["own_pid_namespace"])
-    status = 0
-    try:
-        _, status = os.waitpid(child, 0)
-    except ChildProcessError:
-        pass
+    status = kill_everything(child, config["own_pid_namespace"])
     # Whatever output is still buffered in the pipes, without waiting for anyone.
     for fd, capture in list(open_streams.items()):
         while select.select([fd], [], [], 0)[0] and capture.read():
             pass
-    for fd in (result_read, out_read, err_read):
+    for fd in (spare.result_read, spare.out_read, spare.err_read):
         os.close(fd)
     for folder in config["wipe"]:
         wipe(folder)
@@ -281,7 +347,7 @@ def run_job(job, config):
 def set_dumpable(dumpable):
     """A non-dumpable checker cannot be ptraced or have its /proc/<pid>/mem opened by programs."""
     pr_set_dumpable = 4
-    ctypes.CDLL(None).prctl(pr_set_dumpable, int(dumpable), 0, 0, 0)
+    LIBC.prctl(pr_set_dumpable, int(dumpable), 0, 0, 0)
 
 
 def serve():
@@ -308,11 +374,15 @@ def serve():
     gc.collect()
     gc.freeze()
     write_frame(replies, {"ready": True})
+    spare = Spare(config)
     while True:
-        job = read_frame(jobs)
-        if job is None:
+        raw_job = read_raw_frame(jobs)
+        if raw_job is None:
+            spare.discard()
             return
-        write_frame(replies, run_job(job, config))
+        write_frame(replies, run_job(json.loads(raw_job), raw_job, config, spare))
+        # Forked only now: a spare that existed during the job would die by kill_everything.
+        spare = Spare(config)
 
 
 if __name__ == "__main__":
