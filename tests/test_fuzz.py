@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 import grpc
-import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -11,7 +11,8 @@ import torch
 
 from conftest import free_port
 from ilf.grpc_util import channel
-from ilf.modeling import load_version, sample
+from ilf.modeling import load_version
+from reference_generation import sample
 from ilf.registry import ModelVersion
 from ilf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.engine import Engine

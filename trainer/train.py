@@ -134,7 +134,6 @@ def save_loss_curve(losses: list[float], path: Path) -> None:
 def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micro_batch_tokens: int = 4096) -> ModelVersion:
     registry = Registry(store)
     spec = store.get_json(f"{run_prefix(run_id)}/spec.json")
-    hp = spec["hyperparameters"]
     progress = Progress(store, run_id)
     handler = _ProgressLogHandler(progress)
     log.addHandler(handler)

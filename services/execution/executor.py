@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import time
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from enum import Enum
