@@ -7,7 +7,7 @@ SHARED_DATA := $(abspath ../shared/data)
 # Read MBPP and the annotations from ../shared/data when it is there; else they are downloaded and checked.
 export ILF_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/mbpp.jsonl),$(SHARED_DATA),)
 
-.PHONY: setup demo test test-slow protos check-protos
+.PHONY: setup demo test test-slow protos check-protos lint
 
 setup: $(STAMP)
 
@@ -27,13 +27,19 @@ ARGS ?= --train-on refinements+human
 demo: setup
 	$(VENV)/bin/ilf demo $(ARGS)
 
-check-protos: setup
+check-lint: setup
+	$(VENV)/bin/ruff check .
+
+protos: setup
 	PYTHON=$(PY) protos/generate.sh --check
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 protos: setup
 	PYTHON=$(PY) protos/generate.sh
 
-test: check-protos
+test: check-protos lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-slow: setup
