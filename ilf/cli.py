@@ -25,7 +25,9 @@ def _round_settings(args):
 def _add_round_flags(parser: argparse.ArgumentParser) -> None:
     from ilf.round import TRAIN_SOURCES, RoundSettings
     d = RoundSettings()
-    parser.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="MBPP_Test tasks to evaluate (0: all 100)")
+    parser.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="tasks to evaluate (0: all; MBPP_Test has 100)")
+    parser.add_argument("--eval-split", choices=("test", "dev"), default=d.eval_split,
+                        help="test: MBPP_Test; dev: unannotated MBPP_Train tasks, for choosing settings without MBPP_Test")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples per task (paper: 30)")
     parser.add_argument("--eval-temperature", type=float, default=d.eval_temperature, help="paper: 0.8")
     parser.add_argument("--train-tasks", type=int, default=d.train_tasks,

@@ -139,6 +139,20 @@ def split_tasks(split: str) -> list[MBPPTask]:
     return [t for tid, t in sorted(mbpp().items()) if tid in ids]
 
 
+# Where a model is evaluated: MBPP_Test for results; "dev" for choosing settings without looking at
+# MBPP_Test: MBPP_Train tasks with no annotation, which no training set here draws from.
+EVALUATION_SPLITS = {"test": "MBPP_Test", "dev": "MBPP_Train without annotations"}
+
+
+def evaluation_tasks(split: str) -> list[MBPPTask]:
+    if split == "dev":
+        annotated = {a.task_id for a in annotations("train")}
+        return [t for t in split_tasks("train") if t.task_id not in annotated]
+    if split == "test":
+        return split_tasks("test")
+    raise ValueError(f"evaluation split must be one of {tuple(EVALUATION_SPLITS)}, got {split!r}")
+
+
 @lru_cache(maxsize=None)
 def _load_annotations(path: str) -> tuple[Annotation, ...]:
     rows = []

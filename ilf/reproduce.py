@@ -56,7 +56,7 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
               methods: tuple[str, ...] = METHODS) -> dict:
     started = time.monotonic()
     tag = f"reproduce-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-    tasks = data.split_tasks("test")[: settings.eval_tasks or None]
+    tasks = data.evaluation_tasks(settings.eval_split)[: settings.eval_tasks or None]
     notes = data.annotations("train")[: settings.train_tasks or None]
     base = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
     report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base,
@@ -128,7 +128,8 @@ def markdown_table(report: dict) -> str:
         data_cell = ", ".join(f"{k} {v}" for k, v in row.get("data", {}).items() if k != "refinement_model")
         paper = PAPER[method]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {paper[0]:.2f} / {paper[1]:.2f} | {data_cell} |")
-    lines += ["", f"Base model `{report['base_model_version']}`; {len(report['eval_task_ids'])} MBPP_Test tasks, "
+    lines += ["", f"Base model `{report['base_model_version']}`; {len(report['eval_task_ids'])} "
+                  f"{data.EVALUATION_SPLITS[s['eval_split']]} tasks, "
                   f"{s['eval_samples']} sample(s) per task at temperature {s['eval_temperature']}, "
                   f"max {s['max_new_tokens']} new tokens, seeds from {s['seed']}; "
                   f"{s['train_tasks'] or 128} annotated MBPP_Train tasks, {s['refine_samples']} refinement(s) each; "
@@ -157,7 +158,7 @@ def bar_chart(report: dict) -> bytes:
         ax.bar([i + j * width for i in range(len(rows))], values, width, yerr=errors, capsize=3, label=f"pass@{k}")
     ax.set_xticks([i + width * (len(ks) - 1) / 2 for i in range(len(rows))],
                   [LABELS[m].replace(" (", "\n(").replace(" on ", "\non ") for m in rows], fontsize=7)
-    ax.set_ylabel("MBPP_Test (tasks 11-110)")
+    ax.set_ylabel(data.EVALUATION_SPLITS[report["settings"]["eval_split"]])
     ax.set_title(f"ILF comparison on {report['base_model_version']}")
     ax.legend()
     buffer = io.BytesIO()

@@ -36,7 +36,8 @@ class RoundFailed(RuntimeError):
 
 @dataclass
 class RoundSettings:
-    eval_tasks: int = 20             # first N tasks of MBPP_Test (11-110); 0 means all 100
+    eval_tasks: int = 20             # first N tasks of the evaluation split; 0 means all (MBPP_Test: 100)
+    eval_split: str = "test"         # "test": MBPP_Test (11-110); "dev": for choosing settings (data.EVALUATION_SPLITS)
     eval_samples: int = 1            # samples per task; the paper uses 30
     eval_temperature: float = 0.0    # the paper uses 0.8 with 30 samples
     train_tasks: int = 24            # annotated MBPP_Train tasks to refine; 0 means all 128
@@ -58,6 +59,8 @@ class RoundSettings:
     def __post_init__(self):
         if self.train_on not in TRAIN_SOURCES:
             raise ValueError(f"train_on must be one of {TRAIN_SOURCES}")
+        if self.eval_split not in data.EVALUATION_SPLITS:
+            raise ValueError(f"eval_split must be one of {tuple(data.EVALUATION_SPLITS)}")
 
     @property
     def ks(self) -> list[int]:
@@ -302,7 +305,7 @@ def train_refiner(clients: Clients, store: ArtifactStore, settings: RoundSetting
 def run_round(settings: RoundSettings, clients: Clients, store: ArtifactStore) -> dict:
     started = time.monotonic()
     round_id = f"round-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-    eval_tasks = data.split_tasks("test")[: settings.eval_tasks or None]
+    eval_tasks = data.evaluation_tasks(settings.eval_split)[: settings.eval_tasks or None]
     annotations = data.annotations("train")[: settings.train_tasks or None]
     report = {"round_id": round_id, "settings": asdict(settings), "eval_task_ids": [t.task_id for t in eval_tasks]}
 
@@ -365,7 +368,7 @@ def markdown_report(report: dict) -> str:
                      for k in ks]
             lines.append(f"| {label} | `{row['model_version']}` | " + " | ".join(cells) + " |")
     s = report["settings"]
-    lines += ["", f"- evaluation: {len(report['eval_task_ids'])} MBPP_Test tasks, {s['eval_samples']} sample(s) "
+    lines += ["", f"- evaluation: {len(report['eval_task_ids'])} {data.EVALUATION_SPLITS[s['eval_split']]} tasks, {s['eval_samples']} sample(s) "
                   f"at temperature {s['eval_temperature']}",
               f"- training data ({s['train_on']}): " + ", ".join(f"{k} {v}" for k, v in report["data"].items()),
               f"- outcome: {report['outcome']}", f"- wall time: {report['wall_seconds']} s"]
@@ -389,7 +392,7 @@ def plot_report(report: dict) -> bytes:
         ax.bar([i + offset for i in range(len(ks))], values, width, yerr=errors, capsize=4,
                label=f"{label}: {row['model_version']}")
     ax.set_xticks(range(len(ks)), [f"pass@{k}" for k in ks])
-    ax.set_ylabel("MBPP_Test")
+    ax.set_ylabel(data.EVALUATION_SPLITS[report["settings"]["eval_split"]])
     ax.set_title(f"ILF round {report['round_id']}")
     ax.legend(fontsize=7)
     buffer = io.BytesIO()

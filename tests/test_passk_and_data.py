@@ -36,6 +36,15 @@ def test_splits_follow_the_paper():
     assert [len(data.annotations(s)) for s in ("prompt", "test", "refine", "train")] == [2, 21, 44, 128]
 
 
+def test_dev_split_shares_no_task_with_test_or_any_training_set():
+    dev = {t.task_id for t in data.evaluation_tasks("dev")}
+    assert len(dev) == 664 - 128 and dev <= set(data.SPLITS["train"])
+    assert not dev & {a.task_id for a in data.annotations()}
+    assert [t.task_id for t in data.evaluation_tasks("test")] == list(range(11, 111))
+    with pytest.raises(ValueError, match="evaluation split"):
+        data.evaluation_tasks("validation")
+
+
 def test_data_files_have_the_published_checksums():
     for name, (_, sha) in data.SOURCES.items():
         assert data.sha256_of(data.data_file(name)) == sha
