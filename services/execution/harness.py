@@ -280,13 +280,15 @@ class Spare:
             os.close(self.job_write)
 
     def discard(self):
+        """Ends a spare that never got its job (it has run nothing but this file's code)."""
         try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            os.close(self.job_write)
+        except OSError:
+            pass  # already closed by hand_over
         try:
+            os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-        except ChildProcessError:
+        except (ProcessLookupError, ChildProcessError):
             pass
         for fd in (self.result_read, self.out_read, self.err_read):
             os.close(fd)
