@@ -71,7 +71,7 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             if method in ("gold", "human"):
                 records, row["data"] = training_records(dataclasses.replace(settings, train_on=method), clients, notes)
             else:
-                refiner = refiner or train_refiner(clients, store, settings, tag)
+                refiner = report["refiner"] = refiner or train_refiner(clients, store, settings, tag)
                 items, silent = (human_feedback(clients, settings.train_tasks), 0) if method == "ilf" \
                     else model_feedback_items(clients, notes, settings)
                 records, row["data"] = refine_and_filter(clients, items, settings) if items else ([], {})
@@ -89,8 +89,6 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             row.update(dataset=dataset, run_id=run.run_id, final_loss=run.progress.loss)
         row.update(_summary(evaluation))
         report["methods"][method] = row
-        if refiner:
-            report["refiner"] = refiner
         _publish(report, store, prefix, started)
     report["complete"] = True
     _publish(report, store, prefix, started)
