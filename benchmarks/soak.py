@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/soak.py                    # 10 minutes, 16 clients, the tiny model
     .venv/bin/python benchmarks/soak.py --minutes 1 --model embedded:smollm2-135m-instruct
 
-Prints one line per RPC (count, errors by status, p50/p99 latency) and each service's RSS after
-warm-up and at the end; exits 1 on any unexpected error.
+Prints one line per RPC (count, errors by status, p50/p99 latency) and each service's memory
+(sandboxes included) sampled through the run; exits 1 on any unexpected error or memory that grows.
 """
 from __future__ import annotations
 
@@ -50,7 +50,33 @@ def traffic(addresses: dict[str, str]):
 
 
 def rss_mb(services: LocalServices) -> dict[str, float]:
-    return {name: psutil.Process(p.pid).memory_info().rss / 2 ** 20 for name, p in services.processes.items()}
+    """Each service's resident memory, its child processes (the execution sandboxes) included."""
+    sizes = {}
+    for name, process in services.processes.items():
+        root = psutil.Process(process.pid)
+        total = 0
+        for member in [root, *root.children(recursive=True)]:
+            try:
+                total += member.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        sizes[name] = total / 2 ** 20
+    return sizes
+
+
+def sample_rss(services: LocalServices, every_s: float, stop: threading.Event) -> list[dict[str, float]]:
+    samples = [rss_mb(services)]
+    while not stop.wait(every_s):
+        samples.append(rss_mb(services))
+    samples.append(rss_mb(services))
+    return samples
+
+
+def is_flat(series: list[float]) -> bool:
+    """Flat: the second half's mean is within max(32 MB, 10%) of the first half's (one spike is not growth)."""
+    half = len(series) // 2
+    first, second = sum(series[:half]) / half, sum(series[half:]) / (len(series) - half)
+    return second - first <= max(32.0, 0.10 * first)
 
 
 def run(addresses, clients: int, seconds: float) -> tuple[dict, dict]:
@@ -89,6 +115,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=30.0, help="traffic before the first RSS reading")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--sample-s", type=float, default=15.0, help="seconds between memory readings")
     parser.add_argument("--model", default="tiny", help="tiny (random 2-layer Llama) or any ILF_BASE_MODEL source")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ilf-soak-"))
@@ -102,22 +129,30 @@ def main() -> int:
     ports = {name: free_port() for name in ("execution", "generation", "refinement", "training", "feedback")}
     with LocalServices(home / "logs", env=env, ports=ports) as services:
         run(services.addresses, args.clients, args.warmup_s)
-        before = rss_mb(services)
+        done, samples = threading.Event(), []
+        sampler = threading.Thread(target=lambda: samples.extend(sample_rss(services, args.sample_s, done)))
+        sampler.start()
         started = time.monotonic()
         latencies, errors = run(services.addresses, args.clients, args.minutes * 60)
         elapsed = time.monotonic() - started
-        after = rss_mb(services)
+        done.set()
+        sampler.join()
     unexpected = 0
     for name in sorted(set(latencies) | set(errors)):
         done, failed = latencies[name], dict(errors[name])
         unexpected += sum(failed.values())
         print(f"{name:26s} ok {len(done):6d}  {len(done) / elapsed:6.1f}/s  errors {failed or 0}  "
               f"p50 {percentile(done, 0.5) * 1000:7.1f} ms  p99 {percentile(done, 0.99) * 1000:7.1f} ms")
-    for name in before:
-        print(f"rss {name:11s} {before[name]:7.0f} MB after warm-up -> {after[name]:7.0f} MB at the end "
-              f"({after[name] - before[name]:+.0f} MB)")
-    print(f"{args.clients} clients, {elapsed:.0f} s, unexpected errors: {unexpected}")
-    return 1 if unexpected else 0
+    growing = []
+    for name in samples[0]:
+        series = [sample[name] for sample in samples]
+        flat = is_flat(series)
+        growing += [] if flat else [name]
+        print(f"rss {name:11s} {series[0]:7.0f} MB after warm-up, peak {max(series):7.0f}, end {series[-1]:7.0f} "
+              f"({len(series)} samples): {'flat' if flat else 'GROWING'}")
+    print(f"{args.clients} clients, {elapsed:.0f} s, unexpected errors: {unexpected}, "
+          f"memory growing: {', '.join(growing) or 'none'}")
+    return 1 if unexpected or growing else 0
 
 
 if __name__ == "__main__":
