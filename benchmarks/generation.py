@@ -7,6 +7,7 @@ another. Also the physical bound (FLOPs per token, measured matmul rate) and a h
 under load (time from the request to the first response on the new version, and the service's peak memory).
 
     .venv/bin/python benchmarks/generation.py [--prompts 10] [--samples 30] [--max-new-tokens 128]
+                                              [--prompt-kind refinement]
 """
 from __future__ import annotations
 
@@ -148,6 +149,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--port", type=int, default=50161)
+    parser.add_argument("--prompt-kind", choices=("generation", "refinement"), default="generation",
+                        help="refinement: the paper's refinement prompts (task, failing program, feedback), "
+                             "about 4x longer, as pi_Refine sees them")
     args = parser.parse_args(argv)
     shared_data = Path(__file__).resolve().parents[2] / "shared" / "data"
     if shared_data.is_dir():
@@ -157,7 +161,11 @@ def main(argv=None) -> None:
     configure_torch()
     registry = Registry(open_store())
     base = registry.ensure_base(MODEL).version
-    prompt_texts = [prompts.mbpp_prompt(t) for t in data.split_tasks("test")[:args.prompts]]
+    if args.prompt_kind == "refinement":
+        prompt_texts = [prompts.refinement_prompt(a.failing_program, a.feedback, prompts.mbpp_prompt(data.task(a.task_id)))
+                        for a in data.annotations("train")[:args.prompts]]
+    else:
+        prompt_texts = [prompts.mbpp_prompt(t) for t in data.split_tasks("test")[:args.prompts]]
     rate = matmul_gflops()
     loaded = load_version(registry, base)
     print(f"torch threads: {torch.get_num_threads()}; matmul rate: {rate:.1f} GFLOP/s (fp32, 1024x1024)")

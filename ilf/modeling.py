@@ -6,6 +6,7 @@ loaded on their base and merged for speed; full versions are complete folders in
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import importlib.util
 import logging
@@ -38,6 +39,28 @@ def configure_torch() -> None:
     threads = int(config.get("ILF_TORCH_THREADS"))
     if threads > 0:
         torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> None:
+    """Makes glibc reuse freed memory instead of handing every large block back to the kernel.
+
+    A decode step allocates and frees tensors of tens of MB; served by a fresh mmap each time, they
+    page-faulted about 180,000 times per step at 16 rows x 1,000 tokens (SmolLM2, measured), and
+    system time became most of the generation service's CPU. Resident memory then stays at its peak
+    instead of following each step, which is what a server wants anyway.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def embedded_gguf(name: str) -> Path:
