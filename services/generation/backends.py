@@ -11,7 +11,7 @@ from text_generation.errors import OverloadedError, ValidationError
 from ilf import config
 from ilf.auth import client_headers
 from ilf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from ilf.modeling import Sample, configure_torch
+from ilf.modeling import Sample, configure_torch, keep_freed_memory
 from ilf.registry import Registry
 
 from .engine import Engine
@@ -52,6 +52,7 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, registry: Registry, *, engine: Engine | None = None, manager: ModelManager | None = None):
+        keep_freed_memory()  # before the engine's thread exists, so its allocations follow it too
         self.registry = registry
         self.models = manager or ModelManager(registry, max_loaded=int(config.get("ILF_GENERATION_MAX_LOADED")))
         self.engine = engine or Engine(max_rows=int(config.get("ILF_GENERATION_MAX_BATCH_ROWS")),
