@@ -18,6 +18,8 @@ from ilf.modeling import LoadedModel, load_version
 from ilf.registry import Registry
 from ilf.store import CorruptArtifact
 
+from .attention import use_native_gqa
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "generation"
@@ -76,6 +78,7 @@ class ModelManager:
             started = time.monotonic()
             try:
                 loaded = self._load(self.registry, version)
+                use_native_gqa(loaded.model)
             except Exception as error:  # noqa: BLE001 - any load failure leaves serving as it was
                 current = self._serving.version if self._serving else "nothing"
                 self.last_load_error = f"{version}: {type(error).__name__}: {error}"
