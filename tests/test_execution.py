@@ -1,6 +1,9 @@
 """Execution service: verdict logic, input validation and the gRPC surface."""
 from __future__ import annotations
 
+import os
+import time
+
 import grpc
 import pytest
 
@@ -8,7 +11,8 @@ from ilf.errors import InvalidArgument
 from ilf.grpc_util import channel
 from ilf.v1 import execution_pb2, execution_pb2_grpc
 from services.execution.checks import approx_equal, names_bound_by, plan_test
-from services.execution.executor import Executor, Program, Verdict
+from services.execution.executor import Executor, Program, Settings, Verdict
+from services.execution.pool import WorkerFailed
 from services.execution.server import build_server
 
 DOUBLE = "def double(x):\n    return x * 2\n"
@@ -153,3 +157,33 @@ def test_grpc_sandbox_info(stub):
     names = {layer.name for layer in info.layers}
     assert {"network_namespace", "seccomp", "rlimits", "cgroup_memory"} <= names
     assert info.workers >= 1
+
+
+@pytest.fixture
+def one_worker(monkeypatch):
+    """An executor with a single sandbox, so consecutive jobs share its pipe."""
+    monkeypatch.setenv("ILF_EXECUTION_WORKERS", "1")
+    running = Executor(Settings.from_env())
+    yield running
+    running.close()
+
+
+def test_job_waiting_behind_one_that_kills_the_worker_runs_on_its_replacement(one_worker):
+    import signal
+    slow = one_worker.pool.submit(one_worker._prepare(Program(
+        "import time\ntime.sleep(30)\n", ["assert 1 == 1"])).message)
+    waiting = Program(DOUBLE, ["assert double(2) == 4"], request_id="waiting")
+    behind = one_worker.pool.submit(one_worker._prepare(waiting).message)
+    time.sleep(1.0)  # the first job is running and the second sits in the worker's pipe
+    os.killpg(one_worker.pool._workers[0].process.pid, signal.SIGKILL)
+    with pytest.raises(WorkerFailed, match="died"):
+        slow.result(timeout=60)
+    assert behind.result(timeout=60)["exit_code"] == 0 and one_worker.pool.restarts == 1
+    assert one_worker.execute(waiting).passed
+
+
+def test_job_too_large_for_the_pipe_waits_until_the_worker_is_idle(one_worker):
+    one_worker.pool._workers[0].pipe_bytes = 64  # every job frame is larger
+    programs = [Program(DOUBLE, [f"assert double({i}) == {2 * i}"], request_id=str(i)) for i in range(6)]
+    outcomes = list(one_worker.execute_batch(programs))
+    assert sorted(o.request_id for o in outcomes if o.passed) == [str(i) for i in range(6)]

@@ -6,6 +6,7 @@ garbage is killed and replaced, and its job is reported as a sandbox failure.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from itertools import count
 from pathlib import Path
@@ -30,6 +32,9 @@ START_TIMEOUT_S = 30.0
 MAX_REPLY_BYTES = 32 << 20
 # Headroom above the largest allowed program for the fork-server itself.
 CGROUP_MEMORY_HEADROOM_MB = 256
+# Jobs written to a worker at once: the next one waits in the pipe, so the checker starts it as soon
+# as it has answered instead of waiting for the service to read the reply and write another job.
+PIPELINE_DEPTH = 2
 
 
 class WorkerFailed(RuntimeError):
@@ -45,6 +50,7 @@ class Worker:
         self.process = subprocess.Popen(
             isolation.worker_command(self.cgroups), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=SANDBOX_ENV, cwd="/", start_new_session=True)
+        self.pipe_bytes = _widen_pipe(self.process.stdin.fileno())
         try:
             hello = self._read(time.monotonic() + START_TIMEOUT_S)
             scratch = "/tmp" if isolation.bwrap else self._private_scratch()
@@ -79,12 +85,23 @@ class Worker:
             groups.append(group)
         return groups
 
-    def run(self, job: dict) -> dict:
-        self._write(job)
+    def send(self, job: dict, *, behind_another: bool = False) -> bool:
+        """Writes the job. Behind another job, only if it fits in the pipe at once: the checker reads
+        it only after answering the first one, and a blocked write here could not read that answer."""
+        body = json.dumps(job).encode()
+        if behind_another and len(body) + 4 > self.pipe_bytes:
+            return False
+        self._write_frame(body)
+        return True
+
+    def receive(self, job: dict) -> dict:
+        """The reply to `job`, the oldest job sent and not yet answered (the checker runs them in order)."""
         return self._read(time.monotonic() + job["timeout_s"] + REPLY_GRACE_S)
 
     def _write(self, message: dict) -> None:
-        body = json.dumps(message).encode()
+        self._write_frame(json.dumps(message).encode())
+
+    def _write_frame(self, body: bytes) -> None:
         try:
             self.process.stdin.write(struct.pack(">I", len(body)) + body)
             self.process.stdin.flush()
@@ -133,6 +150,19 @@ class Worker:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _widen_pipe(fd: int) -> int:
+    """Grows a pipe towards 1 MiB (Linux F_SETPIPE_SZ) and returns its size in bytes."""
+    f_setpipe_sz, f_getpipe_sz = 1031, 1032
+    try:
+        fcntl.fcntl(fd, f_setpipe_sz, 1 << 20)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size: keep the default
+    try:
+        return fcntl.fcntl(fd, f_getpipe_sz)
+    except OSError:
+        return 4096  # not Linux: the smallest pipe POSIX allows
+
+
 def _remove_cgroup(group: Path) -> None:
     """Kills what is left in the group (a daemonised fork bomb, say), then removes it."""
     for _ in range(100):
@@ -174,23 +204,53 @@ class WorkerPool:
         return future
 
     def _serve(self, index: int) -> None:
+        in_flight: deque = deque()  # (job, future) written to this worker, oldest first
+        unsent: deque = deque()     # taken from the queue, to write (again, after a worker failed)
         while True:
-            item = self.jobs.get()
-            if item is None:
-                return
-            job, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
+            while len(in_flight) < PIPELINE_DEPTH:
+                if not unsent:
+                    try:
+                        item = self.jobs.get(block=not in_flight)
+                    except queue.Empty:
+                        break
+                    if item is None:  # close(): answer what the worker already has, then stop
+                        while in_flight:
+                            self._finish_oldest(index, in_flight, unsent)
+                        for _, future in unsent:
+                            future.set_exception(WorkerFailed("the execution service is shutting down"))
+                        return
+                    if not item[1].set_running_or_notify_cancel():
+                        continue
+                    unsent.append(item)
+                job, future = unsent[0]
                 worker = self._workers[index] or self._replace(index)
-                future.set_result(worker.run(job))
-            except WorkerFailed as error:
-                future.set_exception(error)
-                self._replace(index)
-            except Exception as error:  # noqa: BLE001 - a pool thread must survive anything
+                try:
+                    if worker is None:
+                        raise WorkerFailed("no sandbox worker could be started")
+                    if not worker.send(job, behind_another=bool(in_flight)):
+                        break  # too large to wait in the pipe: send it once the worker is idle
+                except WorkerFailed as error:
+                    unsent.popleft()
+                    future.set_exception(error)
+                    self._replace(index)
+                    continue
+                in_flight.append(unsent.popleft())
+            if in_flight:
+                self._finish_oldest(index, in_flight, unsent)
+
+    def _finish_oldest(self, index: int, in_flight: deque, unsent: deque) -> None:
+        """Reads the oldest job's reply. If the worker fails, that job fails with it; the jobs queued
+        behind it never started, so they go to the replacement worker."""
+        job, future = in_flight.popleft()
+        try:
+            future.set_result(self._workers[index].receive(job))
+        except Exception as error:  # noqa: BLE001 - a pool thread must survive anything
+            if not isinstance(error, WorkerFailed):
                 log.exception("execution worker %d failed", index)
-                future.set_exception(error)
-                self._replace(index)
+            future.set_exception(error)
+            unsent.extendleft(reversed(in_flight))
+            in_flight.clear()
+            self._replace(index)
 
     def _replace(self, index: int) -> Worker | None:
         old, self._workers[index] = self._workers[index], None
