@@ -23,6 +23,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from benchmarks.execution_load import tree_rss_mb  # noqa: E402
 from ilf.grpc_util import channel  # noqa: E402
 from ilf.local import LocalServices  # noqa: E402
 from ilf.v1 import (common_pb2, execution_pb2, execution_pb2_grpc, feedback_pb2, feedback_pb2_grpc,  # noqa: E402
@@ -51,17 +52,7 @@ def traffic(addresses: dict[str, str]):
 
 def rss_mb(services: LocalServices) -> dict[str, float]:
     """Each service's resident memory, its child processes (the execution sandboxes) included."""
-    sizes = {}
-    for name, process in services.processes.items():
-        root = psutil.Process(process.pid)
-        total = 0
-        for member in [root, *root.children(recursive=True)]:
-            try:
-                total += member.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        sizes[name] = total / 2 ** 20
-    return sizes
+    return {name: tree_rss_mb(psutil.Process(process.pid)) for name, process in services.processes.items()}
 
 
 def sample_rss(services: LocalServices, every_s: float, stop: threading.Event) -> list[dict[str, float]]:
