@@ -27,10 +27,7 @@ ARGS ?= --train-on refinements+human
 demo: setup
 	$(VENV)/bin/ilf demo $(ARGS)
 
-check-lint: setup
-	$(VENV)/bin/ruff check .
-
-protos: setup
+check-protos: setup
 	PYTHON=$(PY) protos/generate.sh --check
 
 lint: setup
