@@ -104,6 +104,11 @@ class TokenFile:
             self._stamp = stamp
             log.info("loaded %d tokens from %s", len(self._tokens), self.path)
 
+    def caller_for(self, authorization: str) -> Caller | None:
+        """The caller an `Authorization: Bearer <token>` value names, or None."""
+        scheme, _, token = authorization.partition(" ")
+        return self.lookup(token.strip()) if scheme.lower() == "bearer" else None
+
     def lookup(self, token: str) -> Caller | None:
         with self._lock:
             try:
@@ -139,9 +144,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         needed = required_role(handler_call_details.method)
         if handler is None or needed is None:
             return handler
-        header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        who = self.tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
+        who = self.tokens.caller_for(dict(handler_call_details.invocation_metadata or ()).get("authorization", ""))
         if who is None:
             return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
                            "a valid bearer token is required (metadata `authorization: Bearer <token>`)")

@@ -113,11 +113,10 @@ class TgiHttpServer:
     @web.middleware
     async def _authenticate(self, request: web.Request, handler):
         """Every route but /health needs a known bearer token (any role: these are client calls)."""
-        if self._tokens is not None and request.path != "/health":
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or self._tokens.lookup(token.strip()) is None:
-                return web.json_response({"error": "a valid bearer token is required (header `Authorization: "
-                                                   "Bearer <token>`)", "error_type": "unauthorized"}, status=401)
+        if self._tokens is not None and request.path != "/health" \
+                and self._tokens.caller_for(request.headers.get("Authorization", "")) is None:
+            return web.json_response({"error": "a valid bearer token is required (header `Authorization: "
+                                               "Bearer <token>`)", "error_type": "unauthorized"}, status=401)
         return await handler(request)
 
     async def _listen(self) -> None:
