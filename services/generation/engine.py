@@ -188,8 +188,7 @@ class Engine:
 
     def _fail_running(self, failure: Exception) -> None:
         for batch in self._batches.values():
-            for row in batch.rows:
-                row.handle.push(failure)
+            _fail_batch(batch, failure)
         self._batches.clear()
 
     def _run(self) -> None:
@@ -219,10 +218,7 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - fail this batch's requests, keep serving
                 log.exception("decode step failed on %s", batch.loaded.version)
                 # UNAVAILABLE: the request was fine and a retry runs in a fresh batch.
-                failure = Unavailable(f"the decode step failed ({type(error).__name__}: {error}); retry")
-                for row in batch.rows:
-                    row.handle.push(failure)
-                batch.rows = []
+                _fail_batch(batch, Unavailable(f"the decode step failed ({type(error).__name__}: {error}); retry"))
             if not batch.rows:
                 del self._batches[key]
         self.steps += 1
@@ -343,6 +339,12 @@ class Engine:
                                 prompt_tokens=len(row.prompt_ids))
         row.handle.push(TokenEvent(row.index, token, text, logprob, special, completion))
         return reason is not None
+
+
+def _fail_batch(batch: _Batch, failure: Exception) -> None:
+    for row in batch.rows:
+        row.handle.push(failure)
+    batch.rows = []
 
 
 def _next_text(tokenizer, row: _Row) -> str:
