@@ -6,7 +6,6 @@ loaded on their base and merged for speed; full versions are complete folders in
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import importlib.util
 import logging
@@ -39,34 +38,6 @@ def configure_torch() -> None:
     threads = int(config.get("ILF_TORCH_THREADS"))
     if threads > 0:
         torch.set_num_threads(threads)
-
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-
-
-def keep_freed_memory() -> None:
-    """Makes glibc reuse freed memory instead of handing every large block back to the kernel.
-
-    A decode step allocates and frees tensors of tens of MB; served by a fresh mmap each time (or
-    by a per-thread arena that is trimmed again), they page-faulted about 180,000 times per step at
-    16 rows x 1,000 tokens (SmolLM2, measured) and system time became most of the generation
-    service's CPU. One arena, no mmap and a high trim threshold keep the pages: 8 refinement prompts
-    x 2 samples x 48 tokens went from 32.5 s to 27.9 s (with the in-place KV cache; mean of 3 runs
-    each) and page faults from about 1.7 million to 155,000. Resident memory stays at its peak
-    instead of following each step, which is what a server wants anyway. Call it before starting
-    threads that allocate. Only for the generation service: in the trainer, whose backward pass
-    allocates ever-different sizes, the one never-trimmed heap fragmented to 14 GB and slowed steps
-    down (measured), so the trainer keeps glibc's defaults.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
-    mallopt(M_ARENA_MAX, 1)
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def embedded_gguf(name: str) -> Path:
