@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ilf.errors import FailedPrecondition, InvalidArgument, NotFound
+from ilf.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ilf.store import ArtifactStore
 
 KINDS = ("base", "lora", "full")
@@ -61,8 +61,11 @@ class Registry:
         version = base_version_id(source)
         if not self.store.exists(f"models/{version}/MANIFEST.json"):
             record = ModelVersion(version=version, kind="base", source=source)
-            self.store.put_json(f"models/{version}/MANIFEST.json",
-                                {"files": {}, "info": asdict(record), "published_at": time.time()})
+            try:
+                self.store.put_json(f"models/{version}/MANIFEST.json",
+                                    {"files": {}, "info": asdict(record), "published_at": time.time()})
+            except AlreadyExists:
+                pass  # another service registered it between our check and our write: theirs is the same base
         return self.get(version)
 
     def register(self, record: ModelVersion, files_dir: Path | None = None) -> ModelVersion:

@@ -71,6 +71,31 @@ def test_concurrent_writers_of_one_key_leave_exactly_one_winner(tmp_path):
     assert store.list("") == ["race"]  # no temporary file is left behind
 
 
+def test_services_registering_the_same_base_at_once_all_get_it(tmp_path):
+    # Generation and refinement both register the base model when they start; every caller here
+    # passes the "not registered yet" check before any of them writes (the race CI once hit).
+    writers = 8
+    all_checked = threading.Barrier(writers)
+
+    class CheckThenWriteStore(LocalStore):
+        def exists(self, key):
+            found = super().exists(key)
+            all_checked.wait(timeout=10)
+            return found
+    registry = Registry(CheckThenWriteStore(tmp_path))
+    versions, errors = [], []
+
+    def start_service():
+        try:
+            versions.append(registry.ensure_base("HuggingFaceTB/SmolLM2-135M-Instruct").version)
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+    threads = [threading.Thread(target=start_service) for _ in range(writers)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == [] and len(versions) == writers and len(set(versions)) == 1
+
+
 def test_local_store_refuses_keys_that_leave_it(tmp_path):
     with pytest.raises(ValueError):
         LocalStore(tmp_path / "s").put("../escape", b"x")
