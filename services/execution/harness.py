@@ -113,7 +113,14 @@ def seccomp_installer(bpf):
     return install
 
 
-def run_child(job, config, channel):
+def report(message):
+    """One result line on the result channel (fd 3); raw writes, no file object to set up per child."""
+    view = memoryview((json.dumps(message) + "\n").encode())
+    while view:
+        view = view[os.write(3, view):]
+
+
+def run_child(job, config):
     """Runs in the forked child; never returns."""
     try:
         limits = [
@@ -130,27 +137,21 @@ def run_child(job, config, channel):
             config["install_seccomp"]()
         os.chdir(config["scratch"])
     except Exception as error:  # the sandbox is broken: never run the program unconfined
-        channel.write(json.dumps({"setup_error": describe(error)}) + "\n")
-        channel.flush()
+        report({"setup_error": describe(error)})
         os._exit(70)
     # Compiled before the program runs, so the program cannot swap the test code.
     try:
         holes = [[compile(source, f"<test {index}>", "eval") for source in test]
                  for index, test in enumerate(job["holes"])]
     except SyntaxError as error:
-        channel.write(json.dumps({"load_error": describe(error)}) + "\n")
-        channel.flush()
+        report({"load_error": describe(error)})
         os._exit(0)
-    send = channel.write
-    flush = channel.flush
-    dumps = json.dumps
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     for source, name in ((job["program"], "<program>"), (job["setup"], "<test_setup_code>")):
         try:
             exec(compile(source, name, "exec"), namespace)
         except BaseException as error:  # noqa: BLE001 - SystemExit included: it is a load failure
-            send(dumps({"load_error": describe(error)}) + "\n")
-            flush()
+            report({"load_error": describe(error)})
             os._exit(0)
     for index, expressions in enumerate(holes):
         budget = [config["max_result_items"]]
@@ -159,8 +160,7 @@ def run_child(job, config, channel):
             message = {"test": index, "values": values}
         except BaseException as error:  # noqa: BLE001
             message = {"test": index, "error": describe(error)}
-        send(dumps(message) + "\n")
-        flush()
+        report(message)
     os._exit(0)
 
 
@@ -253,15 +253,13 @@ class Spare:
                 os.dup2(err_write, 2)
                 os.dup2(result_write, 3)
                 os.closerange(4, 1 << 16)
-                channel = os.fdopen(3, "w", encoding="utf-8")
-                sys.stdout = os.fdopen(1, "w", encoding="utf-8", errors="backslashreplace", buffering=1)
-                sys.stderr = os.fdopen(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1)
+                sys.stdout, sys.stderr = config["stdout"], config["stderr"]
                 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                 job = json.loads(read_all(0))
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)  # the program reads an empty stdin, not the job
                 os.close(null)
-                run_child(job, config, channel)
+                run_child(job, config)
             finally:
                 os._exit(71)
         for fd in (job_read, result_write, out_write, err_write):
@@ -368,8 +366,13 @@ def serve():
             pass
     write_frame(replies, {"hello": os.getpid(), "uid": os.getuid()})
     config = read_frame(jobs)
-    bpf = bytes.fromhex(config["seccomp_bpf"])
-    config["install_seccomp"] = seccomp_installer(bpf) if bpf else None
+    filters = [seccomp_installer(bytes.fromhex(bpf)) for bpf in config["seccomp_bpf"]]
+    if filters:
+        filters[0]()  # the sandbox-wide filter, once: every child inherits it
+    config["install_seccomp"] = filters[1] if filters else None
+    # The program's stdout and stderr, built once here: each child only points fds 1 and 2 at its pipes.
+    config["stdout"], config["stderr"] = (
+        open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False) for fd in (1, 2))
     # Objects that exist before the fork are never touched by the collector again, so children do
     # not copy the pages they live on.
     gc.collect()

@@ -61,7 +61,7 @@ class Isolation:
             isolation.bwrap = None
         isolation.drop_to_nobody = os.geteuid() == 0 and shutil.which("setpriv") is not None
         isolation.cgroup_roots = _writable_cgroups()
-        isolation.seccomp_available = _seccomp_filter(0) is not None
+        isolation.seccomp_available = _seccomp_filters(0) is not None
         isolation.layers = isolation._describe()
         return isolation
 
@@ -125,8 +125,6 @@ class Isolation:
                 "--dev", "/dev", *scratch, "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
                 *[arg for key, value in SANDBOX_ENV.items() for arg in ("--setenv", key, value)]]
 
-    def child_seccomp(self, checker_pid: int) -> bytes:
-        return _seccomp_filter(checker_pid) or b""
 
     def sandbox_config(self, checker_pid: int, scratch: str) -> dict:
         limits = self.limits
@@ -134,7 +132,7 @@ class Isolation:
             "scratch": scratch,
             "wipe": [scratch],
             "own_pid_namespace": self.bwrap is not None,
-            "seccomp_bpf": self.child_seccomp(checker_pid).hex(),
+            "seccomp_bpf": [bpf.hex() for bpf in _seccomp_filters(checker_pid) or ()],
             "max_processes": limits.max_processes,
             "max_open_files": limits.max_open_files,
             "max_file_bytes": limits.max_file_mb << 20,
@@ -180,31 +178,41 @@ def _writable_cgroups() -> dict[str, Path]:
     return roots
 
 
-def _seccomp_filter(checker_pid: int) -> bytes | None:
-    """BPF for the untrusted child: everything allowed except the escape and tamper routes."""
+def _seccomp_filters(checker_pid: int) -> tuple[bytes, bytes] | None:
+    """BPF for the sandbox: everything allowed except the escape and tamper routes.
+
+    Two filters, so a child pays only for a tiny one: the first is loaded by the checker itself
+    and every child inherits it; the second, loaded by each child, keeps signals away from the
+    checker (which must itself kill the child's leftovers).
+    """
     try:
         import pyseccomp as seccomp
     except ImportError:
         return None
     try:
         deny = seccomp.ERRNO(1)  # EPERM
-        rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        sandbox = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
         for name in ("ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
                      "unshare", "setns", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
                      "userfaultfd", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "io_uring_setup",
                      "kexec_load", "init_module", "finit_module", "chroot", "syslog", "acct",
                      "swapon", "swapoff", "reboot", "quotactl", "name_to_handle_at", "open_by_handle_at"):
-            rules.add_rule(deny, name)
+            sandbox.add_rule(deny, name)
         for family in (2, 10, 16, 17):  # AF_INET, AF_INET6, AF_NETLINK, AF_PACKET
-            rules.add_rule(deny, "socket", seccomp.Arg(0, seccomp.EQ, family))
+            sandbox.add_rule(deny, "socket", seccomp.Arg(0, seccomp.EQ, family))
+        child = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
         # The checker (our parent in the sandbox) and "every process" are off limits.
         for target in {checker_pid, 1, 2**32 - 1, 2**64 - 1}:
-            rules.add_rule(deny, "kill", seccomp.Arg(0, seccomp.EQ, target))
-        rules.add_rule(deny, "tgkill", seccomp.Arg(0, seccomp.EQ, checker_pid))
-        with tempfile.TemporaryFile() as buffer:  # libseccomp writes to a file descriptor
-            rules.export_bpf(buffer)
-            buffer.seek(0)
-            return buffer.read()
+            child.add_rule(deny, "kill", seccomp.Arg(0, seccomp.EQ, target))
+        child.add_rule(deny, "tgkill", seccomp.Arg(0, seccomp.EQ, checker_pid))
+        return _bpf(sandbox), _bpf(child)
     except Exception:  # noqa: BLE001 - libseccomp missing or too old: reported as inactive
         log.exception("cannot build the seccomp filter")
         return None
+
+
+def _bpf(rules) -> bytes:
+    with tempfile.TemporaryFile() as buffer:  # libseccomp writes to a file descriptor
+        rules.export_bpf(buffer)
+        buffer.seek(0)
+        return buffer.read()
