@@ -85,6 +85,20 @@ def test_plan_keeps_expected_values_out_of_the_sandbox():
     assert shadowed.holes == ("set(f(1))",)
 
 
+def test_plans_are_shared_by_programs_that_bind_the_same_test_names():
+    test = "assert sorted(f(1)) == [1]"
+    first = plan_test(test, names_bound_by("def f(x):\n    y = x\n    return [y]"))
+    other_locals = plan_test(test, names_bound_by("def f(z):\n    return [z]"))
+    assert other_locals is first and first.holes == ("f(1)",)  # the cached plan
+    rebinds_sorted = plan_test(test, names_bound_by("def f(x): return [x]\nsorted = list"))
+    assert rebinds_sorted.holes == ("sorted(f(1))",)
+
+
+def test_holes_keep_their_exact_source_across_lines_and_non_ascii_text():
+    plan = plan_test("assert f('é', [1,\n        2]) == g(\n  3)", names_bound_by("def f(*a): pass\ndef g(x): pass"))
+    assert plan.holes == ("f('é', [1,\n        2])", "g(\n  3)")
+
+
 @pytest.mark.parametrize("program, tests, limit", [
     ("", ["assert 1 == 1"], "empty"),
     ("   \n", ["assert 1 == 1"], "empty"),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -87,16 +89,45 @@ def names_bound_by(*sources: str) -> set[str]:
 
 
 def plan_test(source: str, untrusted_names: set[str]) -> TestPlan:
-    """Parses one `assert <expression>` and marks the sub-expressions the sandbox must compute."""
+    """Parses one `assert <expression>` and marks the sub-expressions the sandbox must compute.
+
+    Plans are cached: the samples of one task share their tests, and only the untrusted names
+    that the test mentions change the plan.
+    """
+    return _plan(source, frozenset(_parse_assert(source)[1] & untrusted_names))
+
+
+_IDENTIFIER = re.compile(r"(?!\d)\w+")  # identifier-like words, without parsing
+PLAN_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _parse_assert(source: str) -> tuple[ast.expr, frozenset[str]]:
     try:
         tree = ast.parse(source)
     except SyntaxError as error:
         raise NotATest(f"not valid Python: {error.msg}") from None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
         raise NotATest("each test must be exactly one assert statement")
+    return tree.body[0].test, frozenset(_IDENTIFIER.findall(source))  # a superset of its names
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _plan(source: str, untrusted: frozenset[str]) -> TestPlan:
     holes: list[str] = []
-    expression = _split(tree.body[0].test, untrusted_names, holes)
-    return TestPlan(expression, tuple(holes))
+    lines = source.encode().splitlines(keepends=True)
+    split = _split(_parse_assert(source)[0], untrusted, lambda node: holes.append(_source_of(node, lines)))
+    return TestPlan(split, tuple(holes))
+
+
+def _source_of(node: ast.expr, lines: list[bytes]) -> str:
+    """The node's exact source text (ast.get_source_segment without its slow line splitting;
+    offsets count UTF-8 bytes)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first][node.col_offset:node.end_col_offset].decode()
+    return (lines[first][node.col_offset:] + b"".join(lines[first + 1:last])
+            + lines[last][:node.end_col_offset]).decode()
 
 
 class _Hole(ast.expr):
@@ -104,7 +135,7 @@ class _Hole(ast.expr):
     _fields = ()
 
 
-def _split(node: ast.expr, untrusted: set[str], holes: list[str]) -> ast.expr:
+def _split(node: ast.expr, untrusted: frozenset[str], add_hole) -> ast.expr:
     if _trusted(node, untrusted):
         return node
     children: list[ast.expr] | None = None
@@ -120,9 +151,9 @@ def _split(node: ast.expr, untrusted: set[str], holes: list[str]) -> ast.expr:
             not any(isinstance(a, ast.Starred) for a in node.args) and all(k.arg for k in node.keywords):
         children = [*node.args, *(k.value for k in node.keywords)]
     if children is None:
-        holes.append(ast.unparse(node))
+        add_hole(node)
         return _Hole()
-    split = [_split(child, untrusted, holes) for child in children]
+    split = [_split(child, untrusted, add_hole) for child in children]
     if isinstance(node, ast.Compare):
         return ast.Compare(split[0], node.ops, split[1:])
     if isinstance(node, ast.BoolOp):
@@ -135,11 +166,11 @@ def _split(node: ast.expr, untrusted: set[str], holes: list[str]) -> ast.expr:
     return type(node)(split, ast.Load())
 
 
-def _trusted_function(func: ast.expr, untrusted: set[str]) -> bool:
+def _trusted_function(func: ast.expr, untrusted: frozenset[str]) -> bool:
     return isinstance(func, ast.Name) and func.id in TRUSTED_FUNCTIONS and func.id not in untrusted
 
 
-def _trusted(node: ast.expr, untrusted: set[str]) -> bool:
+def _trusted(node: ast.expr, untrusted: frozenset[str]) -> bool:
     """True when the service can evaluate the node itself: literals and pure builtins on them."""
     if isinstance(node, ast.Constant):
         return True
