@@ -22,9 +22,12 @@ import sys
 import time
 
 OUTPUT_POLL_S = 0.05
-# What generated programs import most; a fork inherits them already imported.
+# What generated programs import most; a fork inherits them already imported. Every preloaded
+# module makes every fork dearer (more memory to map and copy), and random even reseeds itself in
+# each child, so the rarely used heavy ones (random, decimal, fractions, statistics, datetime) are
+# left to the few programs that import them.
 PRELOADED_MODULES = ("re", "math", "heapq", "itertools", "functools", "bisect", "string", "copy", "operator",
-                     "random", "datetime", "decimal", "fractions", "statistics", "array", "cmath", "typing")
+                     "array", "cmath", "typing")
 # Compared like dict (Counter({"a": 1}) == {"a": 1} in Python too).
 DICT_TYPES = (dict, collections.Counter, collections.OrderedDict, collections.defaultdict)
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once: every child calls prctl
