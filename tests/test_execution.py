@@ -201,3 +201,16 @@ def test_job_too_large_for_the_pipe_waits_until_the_worker_is_idle(one_worker):
     programs = [Program(DOUBLE, [f"assert double({i}) == {2 * i}"], request_id=str(i)) for i in range(6)]
     outcomes = list(one_worker.execute_batch(programs))
     assert sorted(o.request_id for o in outcomes if o.passed) == [str(i) for i in range(6)]
+
+
+def test_an_invalid_program_fails_its_batch_and_what_was_queued_is_dropped(one_worker):
+    slow = Program("import time\ntime.sleep(1)\n", ["assert 1 == 1"], request_id="slow")
+    queued = [Program("import time\ntime.sleep(0.5)\n", ["assert 1 == 1"], request_id=str(i)) for i in range(20)]
+    batch = one_worker.execute_batch([slow, *queued, Program("", ["assert 1 == 1"])])
+    with pytest.raises(InvalidArgument, match="empty"):
+        next(batch)
+    # The queued programs (10 s of sleeping) were cancelled: the next program waits only for the
+    # ones the worker had already taken.
+    started = time.monotonic()
+    assert one_worker.execute(Program(DOUBLE, ["assert double(2) == 4"])).passed
+    assert time.monotonic() - started < 3.0

@@ -129,15 +129,27 @@ class Executor:
         return self._finish(job, self.pool.submit(job.message))
 
     def execute_batch(self, programs: Iterable[Program]) -> Iterator[Outcome]:
-        """Yields outcomes as they finish (not in request order); all inputs are validated first."""
+        """Yields outcomes as they finish (not in request order).
+
+        Each program is queued as soon as it is validated, so the workers start while the rest of
+        a large batch is still being checked; an invalid program still fails the whole batch before
+        any outcome is yielded (what was queued is cancelled, what already ran is discarded).
+        """
         programs = list(programs)
         if not programs:
             raise InvalidArgument("a batch needs at least one program")
         if len(programs) > self.settings.max_batch:
             raise InvalidArgument(f"a batch holds at most {self.settings.max_batch} programs "
                                   f"(ILF_EXECUTION_MAX_BATCH), got {len(programs)}")
-        jobs = [self._prepare(program) for program in programs]
-        futures = {self.pool.submit(job.message): job for job in jobs}
+        futures: dict[Future, _Job] = {}
+        try:
+            for program in programs:
+                job = self._prepare(program)
+                futures[self.pool.submit(job.message)] = job
+        except InvalidArgument:
+            for future in futures:
+                future.cancel()
+            raise
         try:
             for future in as_completed(futures):
                 yield self._finish(futures[future], future)
