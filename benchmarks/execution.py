@@ -53,7 +53,8 @@ def through_service(address: str, tasks, timeout_s: float) -> tuple[float, dict[
                   for layer in stub.GetSandboxInfo(execution_pb2.GetSandboxInfoRequest()).layers]
         started = time.perf_counter()
         verdicts = {int(r.request_id): r.passed
-                    for r in stub.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests))}
+                    for finished in stub.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests))
+                    for r in finished.results}
         elapsed = time.perf_counter() - started
     return elapsed, verdicts, layers
 

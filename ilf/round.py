@@ -97,9 +97,9 @@ def _execute(clients: Clients, programs: dict[str, tuple[str, data.MBPPTask]], t
                                              tests=list(task.tests), timeout_s=timeout_s, request_id=rid)
                 for rid, (program, task) in programs.items()]
     verdicts = {}
-    for result in clients.execution.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests),
-                                                 timeout=LONG_CALL_S):
-        verdicts[result.request_id] = result.passed
+    for finished in clients.execution.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests),
+                                                   timeout=LONG_CALL_S):
+        verdicts.update((result.request_id, result.passed) for result in finished.results)
     missing = set(programs) - set(verdicts)
     if missing:
         raise RoundFailed(f"the execution service returned no verdict for {len(missing)} programs")

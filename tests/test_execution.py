@@ -147,7 +147,8 @@ def test_grpc_execute(stub):
 def test_grpc_batch_streams_every_result(stub):
     requests = [execution_pb2.ExecuteRequest(program=DOUBLE, tests=[f"assert double({i}) == {2 * i}"],
                                              request_id=str(i)) for i in range(20)]
-    replies = list(stub.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests)))
+    replies = [r for finished in stub.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests))
+               for r in finished.results]
     assert sorted(int(r.request_id) for r in replies) == list(range(20))
     assert all(r.passed for r in replies)
 
@@ -199,7 +200,7 @@ def test_job_waiting_behind_one_that_kills_the_worker_runs_on_its_replacement(on
 def test_job_too_large_for_the_pipe_waits_until_the_worker_is_idle(one_worker):
     one_worker.pool._workers[0].pipe_bytes = 64  # every job frame is larger
     programs = [Program(DOUBLE, [f"assert double({i}) == {2 * i}"], request_id=str(i)) for i in range(6)]
-    outcomes = list(one_worker.execute_batch(programs))
+    outcomes = [o for finished in one_worker.execute_batch(programs) for o in finished]
     assert sorted(o.request_id for o in outcomes if o.passed) == [str(i) for i in range(6)]
 
 

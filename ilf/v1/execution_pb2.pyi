@@ -78,6 +78,12 @@ class ExecuteResponse(_message.Message):
     error_message: str
     def __init__(self, request_id: _Optional[str] = ..., passed: _Optional[bool] = ..., tests: _Optional[_Iterable[_Union[TestResult, _Mapping]]] = ..., duration_s: _Optional[float] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., output_truncated: _Optional[bool] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
 
+class ExecuteBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ExecuteResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ExecuteResponse, _Mapping]]] = ...) -> None: ...
+
 class GetSandboxInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -43,7 +43,7 @@ class ExecutionStub:
         self.ExecuteBatch = channel.unary_stream(
                 '/ilf.v1.Execution/ExecuteBatch',
                 request_serializer=ilf_dot_v1_dot_execution__pb2.ExecuteBatchRequest.SerializeToString,
-                response_deserializer=ilf_dot_v1_dot_execution__pb2.ExecuteResponse.FromString,
+                response_deserializer=ilf_dot_v1_dot_execution__pb2.ExecuteBatchResponse.FromString,
                 _registered_method=True)
         self.GetSandboxInfo = channel.unary_unary(
                 '/ilf.v1.Execution/GetSandboxInfo',
@@ -63,7 +63,8 @@ class ExecutionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExecuteBatch(self, request, context):
-        """Many programs in one call; results stream back as each finishes.
+        """Many programs in one call; results stream back as they finish, each message carrying every
+        result finished since the previous one (one message per result made the stream the bottleneck).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +87,7 @@ def add_ExecutionServicer_to_server(servicer, server):
             'ExecuteBatch': grpc.unary_stream_rpc_method_handler(
                     servicer.ExecuteBatch,
                     request_deserializer=ilf_dot_v1_dot_execution__pb2.ExecuteBatchRequest.FromString,
-                    response_serializer=ilf_dot_v1_dot_execution__pb2.ExecuteResponse.SerializeToString,
+                    response_serializer=ilf_dot_v1_dot_execution__pb2.ExecuteBatchResponse.SerializeToString,
             ),
             'GetSandboxInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSandboxInfo,
@@ -148,7 +149,7 @@ class Execution:
             target,
             '/ilf.v1.Execution/ExecuteBatch',
             ilf_dot_v1_dot_execution__pb2.ExecuteBatchRequest.SerializeToString,
-            ilf_dot_v1_dot_execution__pb2.ExecuteResponse.FromString,
+            ilf_dot_v1_dot_execution__pb2.ExecuteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,8 @@ import json
 import logging
 import math
 import os
-from concurrent.futures import Future, as_completed
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Iterator
@@ -128,8 +129,9 @@ class Executor:
         job = self._prepare(program)
         return self._finish(job, self.pool.submit(job.message))
 
-    def execute_batch(self, programs: Iterable[Program]) -> Iterator[Outcome]:
-        """Yields outcomes as they finish (not in request order).
+    def execute_batch(self, programs: Iterable[Program]) -> Iterator[list[Outcome]]:
+        """Yields the outcomes as they finish, each time all those finished since the last yield
+        (one at a time when the caller keeps up; not in request order).
 
         Each program is queued as soon as it is validated, so the workers start while the rest of
         a large batch is still being checked; an invalid program still fails the whole batch before
@@ -141,18 +143,26 @@ class Executor:
         if len(programs) > self.settings.max_batch:
             raise InvalidArgument(f"a batch holds at most {self.settings.max_batch} programs "
                                   f"(ILF_EXECUTION_MAX_BATCH), got {len(programs)}")
+        finished: queue.SimpleQueue = queue.SimpleQueue()
         futures: dict[Future, _Job] = {}
         try:
             for program in programs:
                 job = self._prepare(program)
-                futures[self.pool.submit(job.message)] = job
+                future = self.pool.submit(job.message)
+                futures[future] = job
+                future.add_done_callback(finished.put)
         except InvalidArgument:
             for future in futures:
                 future.cancel()
             raise
         try:
-            for future in as_completed(futures):
-                yield self._finish(futures[future], future)
+            remaining = len(futures)
+            while remaining:
+                chunk = [finished.get()]
+                while len(chunk) < remaining and not finished.empty():
+                    chunk.append(finished.get())
+                remaining -= len(chunk)
+                yield [self._finish(futures[future], future) for future in chunk]
         finally:
             for future in futures:  # the caller went away: drop what has not started
                 future.cancel()

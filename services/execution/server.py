@@ -67,11 +67,11 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServicer):
         return to_response(self.executor.execute(to_program(readable(request))))
 
     def ExecuteBatch(self, request, context):
-        outcomes = self.executor.execute_batch(to_program(r) for r in readable(request).requests)
+        finished = self.executor.execute_batch(to_program(r) for r in readable(request).requests)
         # Closing the generator on cancellation drops the batch's programs that have not started.
-        context.add_callback(outcomes.close)
-        for outcome in outcomes:
-            yield to_response(outcome)
+        context.add_callback(finished.close)
+        for outcomes in finished:
+            yield execution_pb2.ExecuteBatchResponse(results=[to_response(outcome) for outcome in outcomes])
 
     def GetSandboxInfo(self, request, context):
         return execution_pb2.SandboxInfo(
@@ -89,7 +89,7 @@ def add_servicer(servicer: ExecutionServicer, server: grpc.Server) -> None:
         "Execute": handler(grpc.unary_unary_rpc_method_handler, servicer.Execute,
                            execution_pb2.ExecuteRequest, execution_pb2.ExecuteResponse),
         "ExecuteBatch": handler(grpc.unary_stream_rpc_method_handler, servicer.ExecuteBatch,
-                                execution_pb2.ExecuteBatchRequest, execution_pb2.ExecuteResponse),
+                                execution_pb2.ExecuteBatchRequest, execution_pb2.ExecuteBatchResponse),
         "GetSandboxInfo": handler(grpc.unary_unary_rpc_method_handler, servicer.GetSandboxInfo,
                                   execution_pb2.GetSandboxInfoRequest, execution_pb2.SandboxInfo),
     }
