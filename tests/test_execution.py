@@ -78,24 +78,26 @@ def test_floats_compare_approximately():
 
 
 def test_plan_keeps_expected_values_out_of_the_sandbox():
-    plan = plan_test("assert sorted(f(x, [1, 2])) == sorted([3, 4])", names_bound_by("def f(a, b): pass"))
+    plan = plan_test("assert sorted(f(x, [1, 2])) == sorted([3, 4])", lambda: names_bound_by("def f(a, b): pass"))
     assert plan.holes == ("f(x, [1, 2])",)
     assert plan.verdict([[4, 3]]) and not plan.verdict([[4, 4]])
-    shadowed = plan_test("assert set(f(1)) == {1}", names_bound_by("def set(x): return x"))
+    shadowed = plan_test("assert set(f(1)) == {1}", lambda: names_bound_by("def set(x): return x"))
     assert shadowed.holes == ("set(f(1))",)
 
 
 def test_plans_are_shared_by_programs_that_bind_the_same_test_names():
     test = "assert sorted(f(1)) == [1]"
-    first = plan_test(test, names_bound_by("def f(x):\n    y = x\n    return [y]"))
-    other_locals = plan_test(test, names_bound_by("def f(z):\n    return [z]"))
+    first = plan_test(test, lambda: names_bound_by("def f(x):\n    y = x\n    return [y]"))
+    other_locals = plan_test(test, lambda: names_bound_by("def f(z):\n    return [z]"))
     assert other_locals is first and first.holes == ("f(1)",)  # the cached plan
-    rebinds_sorted = plan_test(test, names_bound_by("def f(x): return [x]\nsorted = list"))
+    rebinds_sorted = plan_test(test, lambda: names_bound_by("def f(x): return [x]\nsorted = list"))
     assert rebinds_sorted.holes == ("sorted(f(1))",)
+    # A test that calls no builtin the service would apply itself never needs the program's names.
+    assert plan_test("assert f(1) == [1]", lambda: pytest.fail("the program was parsed")).holes == ("f(1)",)
 
 
 def test_holes_keep_their_exact_source_across_lines_and_non_ascii_text():
-    plan = plan_test("assert f('é', [1,\n        2]) == g(\n  3)", names_bound_by("def f(*a): pass\ndef g(x): pass"))
+    plan = plan_test("assert f('é', [1,\n        2]) == g(\n  3)", lambda: names_bound_by("def f(*a): pass\ndef g(x): pass"))
     assert plan.holes == ("f('é', [1,\n        2])", "g(\n  3)")
 
 

@@ -16,7 +16,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 # Pure builtins the service may apply to values itself when the program does not rebind them.
 TRUSTED_FUNCTIONS = {
@@ -88,13 +88,15 @@ def names_bound_by(*sources: str) -> set[str]:
     return bound
 
 
-def plan_test(source: str, untrusted_names: set[str]) -> TestPlan:
+def plan_test(source: str, untrusted_names: Callable[[], set[str]]) -> TestPlan:
     """Parses one `assert <expression>` and marks the sub-expressions the sandbox must compute.
 
-    Plans are cached: the samples of one task share their tests, and only the untrusted names
-    that the test mentions change the plan.
+    The program's names matter only when the test calls a builtin the service could apply itself,
+    so `untrusted_names` (the program's parse) is called only then. Plans are cached: the samples
+    of one task share their tests, and only the untrusted names the test mentions change the plan.
     """
-    return _plan(source, frozenset(_parse_assert(source)[1] & untrusted_names))
+    callable_here = _parse_assert(source)[1] & TRUSTED_FUNCTIONS.keys()
+    return _plan(source, frozenset(callable_here & untrusted_names()) if callable_here else frozenset())
 
 
 _IDENTIFIER = re.compile(r"(?!\d)\w+")  # identifier-like words, without parsing

@@ -1,6 +1,7 @@
 """The plain Python API of the execution service: validate, run in the sandbox pool, decide verdicts."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -189,7 +190,7 @@ class Executor:
             raise InvalidArgument(f"memory_mb must be in [{MIN_MEMORY_MB}, {settings.max_memory_mb}] "
                                   f"(ILF_EXECUTION_MAX_MEMORY_MB; 0 means the default "
                                   f"{settings.default_memory_mb}), got {request.memory_mb}")
-        untrusted = names_bound_by(program, setup)
+        untrusted = functools.cache(lambda: names_bound_by(program, setup))  # parsed only if a test needs it
         plans = []
         for index, test in enumerate(tests):
             test = _text(test, f"tests[{index}]", settings.max_program_bytes)
