@@ -1,7 +1,6 @@
 """The plain Python API of the execution service: validate, run in the sandbox pool, decide verdicts."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -190,7 +189,13 @@ class Executor:
             raise InvalidArgument(f"memory_mb must be in [{MIN_MEMORY_MB}, {settings.max_memory_mb}] "
                                   f"(ILF_EXECUTION_MAX_MEMORY_MB; 0 means the default "
                                   f"{settings.default_memory_mb}), got {request.memory_mb}")
-        untrusted = functools.cache(lambda: names_bound_by(program, setup))  # parsed only if a test needs it
+        bound_names: set[str] | None = None
+
+        def untrusted() -> set[str]:  # the program is parsed only if one of its tests needs it
+            nonlocal bound_names
+            if bound_names is None:
+                bound_names = names_bound_by(program, setup)
+            return bound_names
         plans = []
         for index, test in enumerate(tests):
             test = _text(test, f"tests[{index}]", settings.max_program_bytes)
