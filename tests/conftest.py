@@ -46,7 +46,8 @@ def ilf_env(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("ILF_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ILF_STORE", f"file://{tmp_path / 'store'}")
     monkeypatch.setenv("ILF_BASE_MODEL", str(tiny_model_dir))
-    monkeypatch.setenv("ILF_DEVICE", "cpu")
+    # CPU unless asked: ILF_TEST_DEVICE=cuda runs the same tests on a GPU machine.
+    monkeypatch.setenv("ILF_DEVICE", os.environ.get("ILF_TEST_DEVICE", "cpu"))
     return tmp_path
 
 
