@@ -99,7 +99,7 @@ def test_lora_run_registers_a_peft_adapter_with_lineage_metrics_and_plot(local_r
     progress = store.get_json("runs/lora1/progress.json")
     assert progress["phase"] == "succeeded" and progress["step"] == 6 and progress["log"]
     loaded = load_version(local_registry, record.version)
-    assert loaded.model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(loaded.tokenizer)
+    assert loaded.model(torch.tensor([[1, 2, 3]], device=loaded.device)).logits.shape[-1] == len(loaded.tokenizer)
 
 
 def test_full_fine_tuning_changes_every_weight_and_loss_goes_down(local_registry):
