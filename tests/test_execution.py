@@ -217,3 +217,22 @@ def test_an_invalid_program_fails_its_batch_and_what_was_queued_is_dropped(one_w
     started = time.monotonic()
     assert one_worker.execute(Program(DOUBLE, ["assert double(2) == 4"])).passed
     assert time.monotonic() - started < 3.0
+
+
+def test_a_client_that_cancels_a_batch_stops_its_queued_programs(one_worker):
+    server = build_server(0, one_worker)
+    server.start()
+    try:
+        with channel(f"127.0.0.1:{server.port}") as ch:
+            stub = execution_pb2_grpc.ExecutionStub(ch)
+            sleepy = [execution_pb2.ExecuteRequest(program="import time\ntime.sleep(0.5)\n", tests=["assert 1 == 1"],
+                                                   request_id=str(i)) for i in range(20)]
+            call = stub.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=sleepy))
+            assert next(call).results[0].passed
+            call.cancel()
+            # 9 s of sleeping programs were still queued; the next call waits only for what the worker holds.
+            started = time.monotonic()
+            assert stub.Execute(execution_pb2.ExecuteRequest(program=DOUBLE, tests=["assert double(1) == 2"])).passed
+            assert time.monotonic() - started < 3.0
+    finally:
+        server.grpc_server.stop(None).wait()
