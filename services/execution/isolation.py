@@ -125,7 +125,6 @@ class Isolation:
                 "--dev", "/dev", *scratch, "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
                 *[arg for key, value in SANDBOX_ENV.items() for arg in ("--setenv", key, value)]]
 
-
     def sandbox_config(self, checker_pid: int, scratch: str) -> dict:
         limits = self.limits
         return {
