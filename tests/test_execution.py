@@ -209,9 +209,8 @@ def test_job_too_large_for_the_pipe_waits_until_the_worker_is_idle(one_worker):
 def test_an_invalid_program_fails_its_batch_and_what_was_queued_is_dropped(one_worker):
     slow = Program("import time\ntime.sleep(1)\n", ["assert 1 == 1"], request_id="slow")
     queued = [Program("import time\ntime.sleep(0.5)\n", ["assert 1 == 1"], request_id=str(i)) for i in range(20)]
-    batch = one_worker.execute_batch([slow, *queued, Program("", ["assert 1 == 1"])])
     with pytest.raises(InvalidArgument, match="empty"):
-        next(batch)
+        one_worker.execute_batch([slow, *queued, Program("", ["assert 1 == 1"])])
     # The queued programs (10 s of sleeping) were cancelled: the next program waits only for the
     # ones the worker had already taken.
     started = time.monotonic()

@@ -129,13 +129,12 @@ class Executor:
         job = self._prepare(program)
         return self._finish(job, self.pool.submit(job.message))
 
-    def execute_batch(self, programs: Iterable[Program]) -> Iterator[list[Outcome]]:
-        """Yields the outcomes as they finish, each time all those finished since the last yield
-        (one at a time when the caller keeps up; not in request order).
+    def execute_batch(self, programs: Iterable[Program]) -> "Batch":
+        """Validates and queues every program; iterate the returned batch for the outcomes.
 
         Each program is queued as soon as it is validated, so the workers start while the rest of
-        a large batch is still being checked; an invalid program still fails the whole batch before
-        any outcome is yielded (what was queued is cancelled, what already ran is discarded).
+        a large batch is still being checked; an invalid program raises InvalidArgument here and
+        cancels what was queued (what already ran is discarded).
         """
         programs = list(programs)
         if not programs:
@@ -143,29 +142,14 @@ class Executor:
         if len(programs) > self.settings.max_batch:
             raise InvalidArgument(f"a batch holds at most {self.settings.max_batch} programs "
                                   f"(ILF_EXECUTION_MAX_BATCH), got {len(programs)}")
-        finished: queue.SimpleQueue = queue.SimpleQueue()
-        futures: dict[Future, _Job] = {}
+        batch = Batch(self)
         try:
             for program in programs:
-                job = self._prepare(program)
-                future = self.pool.submit(job.message)
-                futures[future] = job
-                future.add_done_callback(finished.put)
+                batch.add(self._prepare(program))
         except InvalidArgument:
-            for future in futures:
-                future.cancel()
+            batch.cancel()
             raise
-        try:
-            remaining = len(futures)
-            while remaining:
-                chunk = [finished.get()]
-                while len(chunk) < remaining and not finished.empty():
-                    chunk.append(finished.get())
-                remaining -= len(chunk)
-                yield [self._finish(futures[future], future) for future in chunk]
-        finally:
-            for future in futures:  # the caller went away: drop what has not started
-                future.cancel()
+        return batch
 
     def _prepare(self, request: Program) -> _Job:
         settings = self.settings
@@ -215,6 +199,40 @@ class Executor:
             tests = [TestOutcome(i, Verdict.ERROR, "SandboxFailure", str(error)) for i in range(len(job.plans))]
             return Outcome(request_id, False, tests, 0.0, error_type="SandboxFailure", error_message=str(error))
         return decide(job.plans, reply, request_id)
+
+
+class Batch:
+    """Queued programs of one ExecuteBatch call. Iterating yields the outcomes as they finish, each
+    time all those finished since the last yield (not in request order); cancel() drops the ones
+    that have not started, from any thread (a client that went away)."""
+
+    def __init__(self, executor: Executor):
+        self.executor = executor
+        self.jobs: dict[Future, _Job] = {}
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
+
+    def add(self, job: _Job) -> None:
+        future = self.executor.pool.submit(job.message)
+        self.jobs[future] = job
+        future.add_done_callback(self.finished.put)
+
+    def cancel(self) -> None:
+        for future in self.jobs:
+            future.cancel()
+
+    def __iter__(self) -> Iterator[list[Outcome]]:
+        try:
+            remaining = len(self.jobs)
+            while remaining:
+                chunk = [self.finished.get()]
+                while len(chunk) < remaining and not self.finished.empty():
+                    chunk.append(self.finished.get())
+                remaining -= len(chunk)
+                if any(future.cancelled() for future in chunk):
+                    return
+                yield [self.executor._finish(self.jobs[future], future) for future in chunk]
+        finally:
+            self.cancel()  # the caller stopped early: drop what has not started
 
 
 def decide(plans: list[TestPlan], reply: dict, request_id: str = "") -> Outcome:

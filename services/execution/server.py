@@ -67,10 +67,9 @@ class ExecutionServicer(execution_pb2_grpc.ExecutionServicer):
         return to_response(self.executor.execute(to_program(readable(request))))
 
     def ExecuteBatch(self, request, context):
-        finished = self.executor.execute_batch(to_program(r) for r in readable(request).requests)
-        # Closing the generator on cancellation drops the batch's programs that have not started.
-        context.add_callback(finished.close)
-        for outcomes in finished:
+        batch = self.executor.execute_batch(to_program(r) for r in readable(request).requests)
+        context.add_callback(batch.cancel)  # the client went away: drop what has not started
+        for outcomes in batch:
             yield execution_pb2.ExecuteBatchResponse(results=[to_response(outcome) for outcome in outcomes])
 
     def GetSandboxInfo(self, request, context):
