@@ -127,7 +127,7 @@ class Executor:
 
     def execute(self, program: Program) -> Outcome:
         job = self._prepare(program)
-        return self._finish(job, self.pool.submit(job.message))
+        return _outcome(job, self.pool.submit(job.message))
 
     def execute_batch(self, programs: Iterable[Program]) -> "Batch":
         """Validates and queues every program; iterate the returned batch for the outcomes.
@@ -142,7 +142,7 @@ class Executor:
         if len(programs) > self.settings.max_batch:
             raise InvalidArgument(f"a batch holds at most {self.settings.max_batch} programs "
                                   f"(ILF_EXECUTION_MAX_BATCH), got {len(programs)}")
-        batch = Batch(self)
+        batch = Batch(self.pool)
         try:
             for program in programs:
                 batch.add(self._prepare(program))
@@ -191,14 +191,6 @@ class Executor:
                    "timeout_s": timeout_s, "memory_mb": memory_mb}
         return _Job(request, plans, timeout_s, message)
 
-    def _finish(self, job: _Job, future: Future) -> Outcome:
-        request_id = job.program.request_id
-        try:
-            reply = future.result()
-        except WorkerFailed as error:
-            tests = [TestOutcome(i, Verdict.ERROR, "SandboxFailure", str(error)) for i in range(len(job.plans))]
-            return Outcome(request_id, False, tests, 0.0, error_type="SandboxFailure", error_message=str(error))
-        return decide(job.plans, reply, request_id)
 
 
 class Batch:
@@ -206,13 +198,13 @@ class Batch:
     time all those finished since the last yield (not in request order); cancel() drops the ones
     that have not started, from any thread (a client that went away)."""
 
-    def __init__(self, executor: Executor):
-        self.executor = executor
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
         self.jobs: dict[Future, _Job] = {}
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
 
     def add(self, job: _Job) -> None:
-        future = self.executor.pool.submit(job.message)
+        future = self.pool.submit(job.message)
         self.jobs[future] = job
         future.add_done_callback(self.finished.put)
 
@@ -230,9 +222,20 @@ class Batch:
                 remaining -= len(chunk)
                 if any(future.cancelled() for future in chunk):
                     return
-                yield [self.executor._finish(self.jobs[future], future) for future in chunk]
+                yield [_outcome(self.jobs[future], future) for future in chunk]
         finally:
             self.cancel()  # the caller stopped early: drop what has not started
+
+
+def _outcome(job: _Job, future: Future) -> Outcome:
+    """The outcome of a finished job; a sandbox that failed makes every test an error."""
+    request_id = job.program.request_id
+    try:
+        reply = future.result()
+    except WorkerFailed as error:
+        tests = [TestOutcome(i, Verdict.ERROR, "SandboxFailure", str(error)) for i in range(len(job.plans))]
+        return Outcome(request_id, False, tests, 0.0, error_type="SandboxFailure", error_message=str(error))
+    return decide(job.plans, reply, request_id)
 
 
 def decide(plans: list[TestPlan], reply: dict, request_id: str = "") -> Outcome:
