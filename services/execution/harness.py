@@ -101,8 +101,9 @@ def describe(error):
 
 
 def seccomp_installer(bpf):
-    """Prepares, in the checker, everything a child needs to load the seccomp filter (a classic-BPF
-    program built by the service with libseccomp), so each child only makes two prctl calls."""
+    """Prepares, in the checker, everything needed to load a seccomp filter (a classic-BPF program
+    built by the service with libseccomp), so loading it is two prctl calls: the checker loads the
+    sandbox-wide filter once, each child its own small one."""
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
