@@ -116,6 +116,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_TRAINER_CHECKPOINT_STEPS", "20", "The trainer checkpoints to the store every this many optimizer steps."),
     Setting("ILF_TRAINER_MICRO_BATCH_TOKENS", "4096",
             "Token budget of one forward pass (rows x longest row); optimizer steps accumulate micro-batches."),
+    Setting("ILF_TRAINER_GRADIENT_CHECKPOINTING", "true",
+            "Recompute each layer's activations during the backward pass instead of keeping them: less memory, "
+            "same gradients."),
     Setting("ILF_DEVICE", "auto", "torch device for models: auto, cpu or cuda."),
     Setting("ILF_TORCH_THREADS", "0", "torch intra-op threads; 0 keeps torch's default."),
 ]}
@@ -123,6 +126,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 
 def get(name: str) -> str:
     return SETTINGS[name].get()
+
+
+def enabled(name: str) -> bool:
+    """A yes/no setting: 1, true or yes (any case) turn it on."""
+    return get(name).strip().lower() in ("1", "true", "yes")
 
 
 def markdown_table() -> str:

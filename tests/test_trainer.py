@@ -68,6 +68,37 @@ def test_completion_loss_matches_the_masked_language_model_loss(tiny_model_dir, 
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients(tiny_model_dir, tokenizer, method):
+    from transformers import AutoModelForCausalLM
+
+    from ilf.modeling import LoadedModel
+    from services.training.runs import with_defaults
+    from trainer.train import completion_loss, prepare_model
+    hp = with_defaults({"method": method, "lora_rank": 4, "lora_dropout": 0.0})
+    batch = data.collate(data.tokenize(tokenizer, RECORDS[:3], 1024)[0], tokenizer.pad_token_id)
+
+    def one_backward(checkpointing: bool) -> tuple[float, dict, int]:
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        loaded = LoadedModel("tiny", AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, "cpu")
+        model = prepare_model(loaded, hp, gradient_checkpointing=checkpointing)
+        calls, layer = [], loaded.model.get_decoder().layers[0]
+        forward = layer.forward  # wrapped, not hooked: the recomputation skips module hooks
+        layer.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+        loss = completion_loss(model, batch)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads, len(calls)
+
+    loss_kept, grads_kept, calls_kept = one_backward(False)
+    loss_recomputed, grads_recomputed, calls_recomputed = one_backward(True)
+    assert (calls_kept, calls_recomputed) == (1, 2)  # the backward pass ran the layer again
+    assert loss_recomputed == pytest.approx(loss_kept, rel=1e-6)
+    assert grads_kept.keys() == grads_recomputed.keys() and all(g is not None for g in grads_kept.values())
+    for name, grad in grads_kept.items():
+        assert torch.allclose(grads_recomputed[name], grad, atol=1e-6), name
+
+
 def write_spec(store, registry, run_id: str, **hyperparameters) -> dict:
     from services.training.runs import with_defaults
     base = registry.ensure_base(__import__("ilf.config").config.get("ILF_BASE_MODEL"))

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(args.store)
     try:
         train(store, args.run_id, checkpoint_every=int(config.get("ILF_TRAINER_CHECKPOINT_STEPS")),
-              micro_batch_tokens=int(config.get("ILF_TRAINER_MICRO_BATCH_TOKENS")))
+              micro_batch_tokens=int(config.get("ILF_TRAINER_MICRO_BATCH_TOKENS")),
+              gradient_checkpointing=config.enabled("ILF_TRAINER_GRADIENT_CHECKPOINTING"))
     except BaseException as error:  # noqa: BLE001 - every failure is reported before the exit
         out_of_memory = _is_out_of_memory(error)
         traceback.print_exc()

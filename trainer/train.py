@@ -82,13 +82,16 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-def _prepare_model(loaded: modeling.LoadedModel, hp: dict):
+def prepare_model(loaded: modeling.LoadedModel, hp: dict, gradient_checkpointing: bool):
     model = loaded.model
     if hp["method"] == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(
             r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
             target_modules="all-linear", task_type="CAUSAL_LM"))
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, which frozen LoRA embeddings lack.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
@@ -131,7 +134,8 @@ def save_loss_curve(losses: list[float], path: Path) -> None:
     plt.close(figure)
 
 
-def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micro_batch_tokens: int = 4096) -> ModelVersion:
+def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micro_batch_tokens: int = 4096,
+          gradient_checkpointing: bool = True) -> ModelVersion:
     registry = Registry(store)
     spec = store.get_json(f"{run_prefix(run_id)}/spec.json")
     progress = Progress(store, run_id)
@@ -139,14 +143,14 @@ def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micr
     log.addHandler(handler)
     log.setLevel(logging.INFO)  # the run's log lines are part of its progress, whatever the root level
     try:
-        record = _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens)
+        record = _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens, gradient_checkpointing)
     finally:
         log.removeHandler(handler)
     progress.update(phase="succeeded", force=True)
     return record
 
 
-def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens) -> ModelVersion:
+def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens, gradient_checkpointing) -> ModelVersion:
     hp, run_id = spec["hyperparameters"], spec["run_id"]
     if store.exists(f"models/{spec['output_version']}/MANIFEST.json"):
         # An earlier attempt registered the model and died before it could report: nothing to redo.
@@ -165,7 +169,7 @@ def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens
     if dropped:
         log.warning("dropped %d records whose completion starts beyond max_seq_len", dropped)
 
-    model = _prepare_model(loaded, hp)
+    model = prepare_model(loaded, hp, gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(examples) / hp["batch_size"])
     total_steps = steps_per_epoch * hp["epochs"]

@@ -88,7 +88,7 @@ class Settings:
             max_batch=number("MAX_BATCH"), scratch_mb=number("SCRATCH_MB"),
             max_processes=number("MAX_PROCESSES"), max_open_files=number("MAX_OPEN_FILES"),
             max_file_mb=number("MAX_FILE_MB"), max_output_bytes=number("MAX_OUTPUT_BYTES"),
-            require_sandbox=config.get("ILF_EXECUTION_REQUIRE_SANDBOX").lower() in ("1", "true", "yes"))
+            require_sandbox=config.enabled("ILF_EXECUTION_REQUIRE_SANDBOX"))
 
 
 # The smallest memory limit a Python interpreter can run under at all.

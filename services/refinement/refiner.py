@@ -38,7 +38,7 @@ class RefinedProgram:
 
 def task_prompt(task: TaskSpec) -> str:
     """The generation prompt of the task: from MBPP when only the id is given, else from its fields."""
-    strip = config.get("ILF_PROMPT_STRIP").lower() == "true"
+    strip = config.enabled("ILF_PROMPT_STRIP")
     if task.text or task.tests or task.code_prefix:
         if not (task.text and task.tests and task.code_prefix):
             raise InvalidArgument("a task given by value needs text, at least one test and a code_prefix")

@@ -16,8 +16,9 @@ from services.training.launchers import JobStatus, Launcher, exit_reason, traine
 
 RUN_LABEL = "ilf.run-id"
 # Trainer settings the Job inherits from the service, so both sides agree on them.
-FORWARDED_SETTINGS = ("ILF_TRAINER_CHECKPOINT_STEPS", "ILF_TRAINER_MICRO_BATCH_TOKENS", "ILF_DEVICE",
-                      "ILF_TORCH_THREADS", "ILF_S3_SECURE", "ILF_S3_REGION")
+FORWARDED_SETTINGS = ("ILF_TRAINER_CHECKPOINT_STEPS", "ILF_TRAINER_MICRO_BATCH_TOKENS",
+                      "ILF_TRAINER_GRADIENT_CHECKPOINTING", "ILF_DEVICE", "ILF_TORCH_THREADS", "ILF_S3_SECURE",
+                      "ILF_S3_REGION")
 
 
 def job_name(run_id: str) -> str:
