@@ -182,8 +182,9 @@ def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens
     if resumed:
         state = dict(resumed)
         log.info("resumed from the checkpoint at step %d/%d", state["step"], total_steps)
-    log.info("%s fine-tuning: %d examples, %d steps of %d, %d trainable parameters",
-             hp["method"], len(examples), total_steps, hp["batch_size"], sum(p.numel() for p in trainable))
+    log.info("%s fine-tuning: %d examples, %d steps of %d, %d trainable parameters, gradient checkpointing %s",
+             hp["method"], len(examples), total_steps, hp["batch_size"], sum(p.numel() for p in trainable),
+             "on" if gradient_checkpointing else "off")
 
     device, pad_id = loaded.device, tokenizer.pad_token_id
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
