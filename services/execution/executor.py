@@ -1,6 +1,7 @@
 """The plain Python API of the execution service: validate, run in the sandbox pool, decide verdicts."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -173,13 +174,8 @@ class Executor:
             raise InvalidArgument(f"memory_mb must be in [{MIN_MEMORY_MB}, {settings.max_memory_mb}] "
                                   f"(ILF_EXECUTION_MAX_MEMORY_MB; 0 means the default "
                                   f"{settings.default_memory_mb}), got {request.memory_mb}")
-        bound_names: set[str] | None = None
-
-        def untrusted() -> set[str]:  # the program is parsed only if one of its tests needs it
-            nonlocal bound_names
-            if bound_names is None:
-                bound_names = names_bound_by(program, setup)
-            return bound_names
+        # The program is parsed only if one of its tests needs its names, and then once.
+        untrusted = functools.cache(lambda: names_bound_by(program, setup))
         plans = []
         for index, test in enumerate(tests):
             test = _text(test, f"tests[{index}]", settings.max_program_bytes)
@@ -190,7 +186,6 @@ class Executor:
         message = {"program": program, "setup": setup, "holes": [list(p.holes) for p in plans],
                    "timeout_s": timeout_s, "memory_mb": memory_mb}
         return _Job(request, plans, timeout_s, message)
-
 
 
 class Batch:
