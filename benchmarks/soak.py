@@ -21,11 +21,10 @@ import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from benchmarks.execution_load import tree_rss_mb  # noqa: E402
 from ilf.grpc_util import channel  # noqa: E402
-from ilf.local import LocalServices  # noqa: E402
+from loop.local import LocalServices  # noqa: E402
 from ilf.v1 import (common_pb2, execution_pb2, execution_pb2_grpc, feedback_pb2, feedback_pb2_grpc,  # noqa: E402
                     generation_pb2, generation_pb2_grpc)
 
@@ -112,11 +111,11 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="ilf-soak-"))
     model = args.model
     if model == "tiny":
-        from conftest import build_tiny_model
+        from ilf.tiny_model import build_tiny_model
         model = str(build_tiny_model(home / "tiny-model"))
     env = {"ILF_HOME": str(home), "ILF_STORE": f"file://{home / 'store'}", "ILF_BASE_MODEL": model,
            "ILF_AUTH": "off"}
-    from conftest import free_port
+    from ilf.grpc_util import free_port
     ports = {name: free_port() for name in ("execution", "generation", "refinement", "training", "feedback")}
     with LocalServices(home / "logs", env=env, ports=ports) as services:
         run(services.addresses, args.clients, args.warmup_s)

@@ -95,8 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ilf-bench-train-") as tmp:
         source = args.model
         if source == "tiny":
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from conftest import build_tiny_model
+            from ilf.tiny_model import build_tiny_model
             source = str(build_tiny_model(Path(tmp) / "tiny"))
         model_dir = resolve_source(source)
         store = open_store(f"file://{tmp}/store")

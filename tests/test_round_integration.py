@@ -12,12 +12,13 @@ import pytest
 
 from conftest import free_port
 from ilf import datasets
-from ilf.clients import Clients
-from ilf.local import SERVICES, LocalServices
-from ilf.policy import STATE_KEY, new_feedback_count, retrain_when_due
+from loop.clients import Clients
+from loop.local import SERVICES, LocalServices
+from loop.retrain import STATE_KEY, new_feedback_count, retrain_when_due
 from ilf.registry import Registry
-from ilf.reproduce import METHODS, reproduce
-from ilf.round import RoundSettings, run_round, train
+from loop.reproduce import METHODS, reproduce
+from loop.round import run_round, train
+from loop.settings import RoundSettings
 from ilf.store import open_store
 from ilf.v1 import common_pb2, execution_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
 

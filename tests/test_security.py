@@ -227,7 +227,7 @@ def test_tokens_over_mutual_tls(executor, certificates, tokens_file, monkeypatch
     address = serve(server)
     try:
         tls_env(monkeypatch, certificates, "client")
-        from ilf.clients import Clients
+        from loop.clients import Clients
         for token, code in [(None, grpc.StatusCode.UNAUTHENTICATED), (CLIENT_TOKEN, grpc.StatusCode.OK)]:
             if token:
                 monkeypatch.setenv("ILF_AUTH_TOKEN", token)

@@ -8,7 +8,6 @@ tasks with the same seeds; candidates are loaded next to the serving model, neve
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import secrets
 import time
@@ -17,11 +16,13 @@ import grpc
 from tqdm import tqdm
 
 from ilf import data, datasets
-from ilf.clients import Clients
-from ilf.round import (Evaluation, FeedbackItem, RoundSettings, evaluate, human_feedback, refine_and_filter,
-                       train, train_refiner, training_records)
 from ilf.store import ArtifactStore
 from ilf.v1 import common_pb2, feedback_pb2, generation_pb2
+from loop.clients import Clients
+from loop.evaluation import LONG_CALL_S, evaluate
+from loop.report import chart, ks_of, markdown_table as results_table, summary
+from loop.round import FeedbackItem, human_feedback, refine_and_filter, train, train_refiner, training_records
+from loop.settings import RoundSettings
 
 METHODS = ("zero-shot", "gold", "human", "ilf", "ilf-model-feedback")
 PAPER = {"zero-shot": (0.26, 0.59), "gold": (0.22, 0.63), "human": (0.33, 0.68), "ilf": (0.36, 0.68),
@@ -84,10 +85,10 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             dataset = datasets.put_dataset(store, records, name=f"{tag}-{method}")
             run = train(clients, dataset, base, settings)
             clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=run.output_model_version),
-                                         timeout=1800)
+                                         timeout=LONG_CALL_S)
             evaluation = evaluate(clients, tasks, settings, run.output_model_version, label=f"evaluate {method}")
             row.update(dataset=dataset, run_id=run.run_id, final_loss=run.progress.loss)
-        row.update(_summary(evaluation))
+        row.update(summary(evaluation))
         report["methods"][method] = row
         _publish(report, store, prefix, started)
     report["complete"] = True
@@ -108,24 +109,13 @@ def _publish(report: dict, store: ArtifactStore, prefix: str, started: float) ->
                f"{store.url}/{prefix}/results.md")
 
 
-def _summary(evaluation: Evaluation) -> dict:
-    return {"model_version": evaluation.model_version,
-            "pass_at": {str(k): v for k, v in evaluation.pass_at.items()},
-            "interval95": {str(k): list(v) for k, v in evaluation.intervals.items()}}
-
-
 def markdown_table(report: dict) -> str:
     s = report["settings"]
-    evaluated = [r for r in report["methods"].values() if "pass_at" in r]
-    ks = list(evaluated[0]["pass_at"]) if evaluated else ["1"]
-    lines = ["| method | " + " | ".join(f"pass@{k} [95% CI]" for k in ks) + " | paper pass@1 / pass@10 | training data |",
-             "|---|" + "---|" * len(ks) + "---|---|"]
-    for method, row in report["methods"].items():
-        cells = ([f"{row['pass_at'][k]:.3f} [{row['interval95'][k][0]:.2f}, {row['interval95'][k][1]:.2f}]"
-                  for k in ks] if "pass_at" in row else [row.get("outcome", "")] * len(ks))
-        data_cell = ", ".join(f"{k} {v}" for k, v in row.get("data", {}).items() if k != "refinement_model")
-        paper = PAPER[method]
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {paper[0]:.2f} / {paper[1]:.2f} | {data_cell} |")
+    rows = {LABELS[method]: {**row, "method": method} for method, row in report["methods"].items()}
+    lines = results_table("method", rows, ks_of(rows), {
+        "paper pass@1 / pass@10": lambda row: "{:.2f} / {:.2f}".format(*PAPER[row["method"]]),
+        "training data": lambda row: ", ".join(f"{k} {v}" for k, v in row.get("data", {}).items()
+                                               if k != "refinement_model")})
     lines += ["", f"Base model `{report['base_model_version']}`; {len(report['eval_task_ids'])} "
                   f"{data.EVALUATION_SPLITS[s['eval_split']]} tasks, "
                   f"{s['eval_samples']} sample(s) per task at temperature {s['eval_temperature']}, "
@@ -142,25 +132,5 @@ def markdown_table(report: dict) -> str:
 
 
 def bar_chart(report: dict) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = {m: r for m, r in report["methods"].items() if "pass_at" in r}
-    ks = list(next(iter(rows.values()))["pass_at"]) if rows else []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / max(len(ks), 1)
-    for j, k in enumerate(ks):
-        values = [r["pass_at"][k] for r in rows.values()]
-        errors = [[v - r["interval95"][k][0] for v, r in zip(values, rows.values())],
-                  [r["interval95"][k][1] - v for v, r in zip(values, rows.values())]]
-        ax.bar([i + j * width for i in range(len(rows))], values, width, yerr=errors, capsize=3, label=f"pass@{k}")
-    ax.set_xticks([i + width * (len(ks) - 1) / 2 for i in range(len(rows))],
-                  [LABELS[m].replace(" (", "\n(").replace(" on ", "\non ") for m in rows], fontsize=7)
-    ax.set_ylabel(data.EVALUATION_SPLITS[report["settings"]["eval_split"]])
-    ax.set_title(f"ILF comparison on {report['base_model_version']}")
-    ax.legend()
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    rows = {LABELS[method]: row for method, row in report["methods"].items()}
+    return chart(rows, f"ILF comparison on {report['base_model_version']}", report["settings"]["eval_split"])

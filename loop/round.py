@@ -10,127 +10,20 @@ import json
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import grpc
 from tqdm import tqdm
 
-from ilf import data, datasets, passk, prompts
-from ilf.clients import Clients
+from ilf import data, datasets, prompts
 from ilf.store import ArtifactStore
-from ilf.v1 import common_pb2, execution_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
+from ilf.v1 import common_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
+from loop.clients import Clients
+from loop.evaluation import LONG_CALL_S, RoundFailed, concurrently, evaluate, execute, sampling_params
+from loop.report import chart, ks_of, markdown_table, summary
+from loop.settings import RoundSettings
 
 log = logging.getLogger(__name__)
-
-# refinements: pi_Refine's passing refinements (ILF); refinements+human: the same, plus the passing
-# human refinement attached to the feedback for tasks pi_Refine could not fix; human: the paper's human
-# refinements; gold: MBPP's programs.
-TRAIN_SOURCES = ("refinements", "refinements+human", "human", "gold")
-LONG_CALL_S = 1800
-
-
-class RoundFailed(RuntimeError):
-    pass
-
-
-@dataclass
-class RoundSettings:
-    eval_tasks: int = 20             # first N tasks of the evaluation split; 0 means all (MBPP_Test: 100)
-    eval_split: str = "test"         # "test": MBPP_Test (11-110); "dev": for choosing settings (data.EVALUATION_SPLITS)
-    eval_samples: int = 1            # samples per task; the paper uses 30
-    eval_temperature: float = 0.0    # the paper uses 0.8 with 30 samples
-    train_tasks: int = 24            # annotated MBPP_Train tasks to refine; 0 means all 128
-    refine_samples: int = 2
-    refine_temperature: float = 0.8
-    max_new_tokens: int = 128
-    train_on: str = "refinements"    # one of TRAIN_SOURCES
-    method: str = "lora"
-    learning_rate: float = 0.0       # 0: the training service's default for the method
-    epochs: int = 0
-    batch_size: int = 0
-    seed: int = 1234
-    timeout_s: float = 3.0           # per program, as in the paper
-    switch: bool = True
-    train_refiner: bool = True       # fine-tune pi_Refine on MBPP_Refine before refining (paper)
-    concurrency: int = 8             # requests in flight to a service, so it can batch them
-    promote_margin: float | None = None  # if set: switch only when pass@1 drops by at most this much
-
-    def __post_init__(self):
-        if self.train_on not in TRAIN_SOURCES:
-            raise ValueError(f"train_on must be one of {TRAIN_SOURCES}")
-        if self.eval_split not in data.EVALUATION_SPLITS:
-            raise ValueError(f"eval_split must be one of {tuple(data.EVALUATION_SPLITS)}")
-
-    @property
-    def ks(self) -> list[int]:
-        return [k for k in (1, 5, 10) if k <= self.eval_samples] or [1]
-
-
-@dataclass
-class Evaluation:
-    model_version: str
-    results: dict[int, tuple[int, int]]   # task id -> (samples, correct)
-    pass_at: dict[int, float] = field(default_factory=dict)
-    intervals: dict[int, tuple[float, float]] = field(default_factory=dict)
-
-
-def _params(n: int, temperature: float, max_new_tokens: int, seed: int) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(n=n, temperature=temperature, top_p=0.95 if temperature > 0 else 1.0,
-                                     max_new_tokens=max_new_tokens, stop=prompts.STOP_SEQUENCES, seed=seed)
-
-
-def _concurrently(call, items: list, workers: int, label: str):
-    """Yields (item, call(item)) in item order, with up to `workers` calls in flight so the
-    services can batch them; the progress bar counts calls as they finish."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(items), desc=label, unit="task") as bar:
-        futures = [pool.submit(call, item) for item in items]
-        for future in futures:
-            future.add_done_callback(lambda _: bar.update())
-        for item, future in zip(items, futures):
-            yield item, future.result()
-
-
-def _execute(clients: Clients, programs: dict[str, tuple[str, data.MBPPTask]], timeout_s: float) -> dict[str, bool]:
-    """Runs every program against its task's tests in one streamed batch; returns pass/fail by id."""
-    requests = [execution_pb2.ExecuteRequest(program=program, test_setup_code=task.test_setup_code,
-                                             tests=list(task.tests), timeout_s=timeout_s, request_id=rid)
-                for rid, (program, task) in programs.items()]
-    verdicts = {}
-    for finished in clients.execution.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests),
-                                                   timeout=LONG_CALL_S):
-        verdicts.update((result.request_id, result.passed) for result in finished.results)
-    missing = set(programs) - set(verdicts)
-    if missing:
-        raise RoundFailed(f"the execution service returned no verdict for {len(missing)} programs")
-    return verdicts
-
-
-def evaluate(clients: Clients, tasks: list[data.MBPPTask], settings: RoundSettings, model_version: str = "",
-             label: str = "evaluate") -> Evaluation:
-    """pass@k of a model version on tasks, with per-task seeds shared by every evaluated version."""
-    programs, served_by = {}, set()
-
-    def generate(task):
-        return clients.generation.Generate(generation_pb2.GenerateRequest(
-            prompt=prompts.mbpp_prompt(task), model_version=model_version,
-            params=_params(settings.eval_samples, settings.eval_temperature, settings.max_new_tokens,
-                           settings.seed + task.task_id)), timeout=LONG_CALL_S)
-    for task, reply in _concurrently(generate, tasks, settings.concurrency, label):
-        served_by.add(reply.model_version)
-        for i, completion in enumerate(reply.completions):
-            programs[f"{task.task_id}:{i}"] = (prompts.mbpp_prompt(task) + prompts.truncate_completion(completion.text),
-                                               task)
-    if len(served_by) != 1:
-        raise RoundFailed(f"the evaluation was served by several model versions: {sorted(served_by)}")
-    verdicts = _execute(clients, programs, settings.timeout_s)
-    results = {t.task_id: (settings.eval_samples,
-                           sum(verdicts[f"{t.task_id}:{i}"] for i in range(settings.eval_samples))) for t in tasks}
-    evaluation = Evaluation(model_version=served_by.pop(), results=results)
-    for k in settings.ks:
-        evaluation.pass_at[k] = passk.mean_pass_at_k(results, k)
-        evaluation.intervals[k] = passk.bootstrap_interval(results, k)
-    return evaluation
 
 
 @dataclass(frozen=True)
@@ -167,14 +60,14 @@ def refine_and_filter(clients: Clients, items: list[FeedbackItem], settings: Rou
     def refine(item):
         return clients.refinement.Refine(refinement_pb2.RefineRequest(
             task=common_pb2.Task(task_id=item.task_id), failing_program=item.program, feedback=item.feedback,
-            params=_params(settings.refine_samples, settings.refine_temperature, settings.max_new_tokens * 2,
+            params=sampling_params(settings.refine_samples, settings.refine_temperature, settings.max_new_tokens * 2,
                            settings.seed + item.task_id)), timeout=LONG_CALL_S)
-    for item, reply in _concurrently(refine, items, settings.concurrency, "refine"):
+    for item, reply in concurrently(refine, items, settings.concurrency, "refine"):
         refine_version = reply.model_version
         for i, refinement in enumerate(reply.refinements):
             programs[f"{item.task_id}:{i}"] = (refinement.program, data.task(item.task_id))
             sources[f"{item.task_id}:{i}"] = item.record_id
-    verdicts = _execute(clients, programs, settings.timeout_s) if programs else {}
+    verdicts = execute(clients, programs, settings.timeout_s) if programs else {}
     records, passing_per_task = {}, {}
     for rid, (program, task) in sorted(programs.items()):
         passing_per_task[task.task_id] = passing_per_task.get(task.task_id, 0) + verdicts[rid]
@@ -220,7 +113,7 @@ def human_refinement_records(clients: Clients, items: list[FeedbackItem], settin
     """
     programs = {item.record_id: (item.human_refinement, data.task(item.task_id)) for item in items
                 if item.human_refinement.startswith(prompts.mbpp_prompt(data.task(item.task_id)))}
-    verdicts = _execute(clients, programs, settings.timeout_s) if programs else {}
+    verdicts = execute(clients, programs, settings.timeout_s) if programs else {}
     return [{**_record(task, program, "human-refinement"), "feedback_record": rid}
             for rid, (program, task) in programs.items() if verdicts[rid]]
 
@@ -241,7 +134,7 @@ def training_records(settings: RoundSettings, clients: Clients, annotations: lis
         programs = {str(a.task_id): (prompts.gold_program(data.task(a.task_id)), data.task(a.task_id))
                     for a in annotations}
     # Only programs that pass their tests are trained on, whoever wrote them.
-    verdicts = _execute(clients, programs, settings.timeout_s)
+    verdicts = execute(clients, programs, settings.timeout_s)
     records = [_record(task, program, settings.train_on) for rid, (program, task) in programs.items() if verdicts[rid]]
     return records, {"tasks": len(annotations), "records": len(records),
                      "dropped_failing": len(programs) - len(records)}
@@ -310,7 +203,7 @@ def run_round(settings: RoundSettings, clients: Clients, store: ArtifactStore) -
     report = {"round_id": round_id, "settings": asdict(settings), "eval_task_ids": [t.task_id for t in eval_tasks]}
 
     before = evaluate(clients, eval_tasks, settings, label="evaluate serving model")
-    report["before"] = _evaluation_summary(before)
+    report["before"] = summary(before, solved_tasks=True)
     if settings.train_on.startswith("refinements") and settings.train_refiner:
         report["refiner"] = train_refiner(clients, store, settings, round_id)
     records, report["data"] = training_records(settings, clients, annotations)
@@ -325,7 +218,7 @@ def run_round(settings: RoundSettings, clients: Clients, store: ArtifactStore) -
 
     clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=candidate), timeout=LONG_CALL_S)
     after = evaluate(clients, eval_tasks, settings, model_version=candidate, label="evaluate candidate")
-    report["after"] = _evaluation_summary(after)
+    report["after"] = summary(after, solved_tasks=True)
     drop = before.pass_at[1] - after.pass_at[1]
     if settings.switch and (settings.promote_margin is None or drop <= settings.promote_margin):
         status = clients.generation.SwitchModel(generation_pb2.SwitchModelRequest(model_version=candidate),
@@ -335,13 +228,6 @@ def run_round(settings: RoundSettings, clients: Clients, store: ArtifactStore) -
         report["outcome"] = (f"candidate {candidate} not promoted (pass@1 change {-drop:+.3f}, "
                              f"margin {settings.promote_margin}); {before.model_version} keeps serving")
     return _finish(report, store, started)
-
-
-def _evaluation_summary(evaluation: Evaluation) -> dict:
-    return {"model_version": evaluation.model_version,
-            "pass_at": {str(k): v for k, v in evaluation.pass_at.items()},
-            "interval95": {str(k): list(v) for k, v in evaluation.intervals.items()},
-            "solved_tasks": sorted(t for t, (_, c) in evaluation.results.items() if c)}
 
 
 def _finish(report: dict, store: ArtifactStore, started: float) -> dict:
@@ -357,46 +243,19 @@ def _finish(report: dict, store: ArtifactStore, started: float) -> dict:
 
 
 def markdown_report(report: dict) -> str:
-    ks = list(report["before"]["pass_at"])
+    rows = {label: {**report[label], "version": report[label]["model_version"]}
+            for label in ("before", "after") if label in report}
+    ks = ks_of(rows)
     lines = [f"## ILF round {report['round_id']}", "",
-             "| model | version | " + " | ".join(f"pass@{k} (95% CI)" for k in ks) + " |",
-             "|---|---|" + "---|" * len(ks)]
-    for label in ("before", "after"):
-        if label in report:
-            row = report[label]
-            cells = [f"{row['pass_at'][k]:.3f} ({row['interval95'][k][0]:.2f}-{row['interval95'][k][1]:.2f})"
-                     for k in ks]
-            lines.append(f"| {label} | `{row['model_version']}` | " + " | ".join(cells) + " |")
+             *markdown_table("model", rows, ks, {"version": lambda row: f"`{row['version']}`"})]
     s = report["settings"]
-    lines += ["", f"- evaluation: {len(report['eval_task_ids'])} {data.EVALUATION_SPLITS[s['eval_split']]} tasks, {s['eval_samples']} sample(s) "
-                  f"at temperature {s['eval_temperature']}",
+    lines += ["", f"- evaluation: {len(report['eval_task_ids'])} {data.EVALUATION_SPLITS[s['eval_split']]} tasks, "
+                  f"{s['eval_samples']} sample(s) at temperature {s['eval_temperature']}",
               f"- training data ({s['train_on']}): " + ", ".join(f"{k} {v}" for k, v in report["data"].items()),
               f"- outcome: {report['outcome']}", f"- wall time: {report['wall_seconds']} s"]
     return "\n".join(lines) + "\n"
 
 
 def plot_report(report: dict) -> bytes:
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ks = list(report["before"]["pass_at"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.35
-    for offset, label in ((-width / 2, "before"), (width / 2, "after")):
-        row = report[label]
-        values = [row["pass_at"][k] for k in ks]
-        errors = [[v - row["interval95"][k][0] for k, v in zip(ks, values)],
-                  [row["interval95"][k][1] - v for k, v in zip(ks, values)]]
-        ax.bar([i + offset for i in range(len(ks))], values, width, yerr=errors, capsize=4,
-               label=f"{label}: {row['model_version']}")
-    ax.set_xticks(range(len(ks)), [f"pass@{k}" for k in ks])
-    ax.set_ylabel(data.EVALUATION_SPLITS[report["settings"]["eval_split"]])
-    ax.set_title(f"ILF round {report['round_id']}")
-    ax.legend(fontsize=7)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    rows = {f"{label}: {report[label]['model_version']}": report[label] for label in ("before", "after")}
+    return chart(rows, f"ILF round {report['round_id']}", report["settings"]["eval_split"])

@@ -17,13 +17,13 @@ SERVICE_NAMES = ("generation", "refinement", "execution", "training", "feedback"
 
 
 def _round_settings(args):
-    from ilf.round import RoundSettings
+    from loop.settings import RoundSettings
     fields = {f.name for f in dataclasses.fields(RoundSettings)}
     return RoundSettings(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def _add_round_flags(parser: argparse.ArgumentParser) -> None:
-    from ilf.round import TRAIN_SOURCES, RoundSettings
+    from loop.settings import TRAIN_SOURCES, RoundSettings
     d = RoundSettings()
     parser.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="tasks to evaluate (0: all; MBPP_Test has 100)")
     parser.add_argument("--eval-split", choices=("test", "dev"), default=d.eval_split,
@@ -62,8 +62,8 @@ def cmd_serve(args) -> None:
 
 
 def cmd_round(args) -> int:
-    from ilf.clients import Clients
-    from ilf.round import run_round
+    from loop.clients import Clients
+    from loop.round import run_round
     from ilf.store import open_store
     _apply_paper(args)
     report = run_round(_round_settings(args), Clients.connect(), open_store())
@@ -74,9 +74,9 @@ def cmd_round(args) -> int:
 
 def cmd_demo(args) -> int:
     """Starts the services as local processes, runs one round, stops them."""
-    from ilf.clients import Clients
-    from ilf.local import LocalServices
-    from ilf.round import run_round
+    from loop.clients import Clients
+    from loop.local import LocalServices
+    from loop.round import run_round
     from ilf.store import open_store
     _apply_paper(args)
     started = time.monotonic()
@@ -95,9 +95,9 @@ def cmd_reproduce(args) -> int:
     """The paper's comparison; with --local the services are started here and stopped after."""
     from contextlib import nullcontext
 
-    from ilf.clients import Clients
-    from ilf.local import LocalServices
-    from ilf.reproduce import reproduce
+    from loop.clients import Clients
+    from loop.local import LocalServices
+    from loop.reproduce import reproduce
     from ilf.store import open_store
     _apply_paper(args)
     context = LocalServices(Path(config.get("ILF_HOME")) / "logs") if args.local else nullcontext()
@@ -110,8 +110,8 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from ilf.clients import Clients
-    from ilf.policy import retrain_when_due
+    from loop.clients import Clients
+    from loop.retrain import retrain_when_due
     from ilf.store import open_store
     _apply_paper(args)
     reports = retrain_when_due(_round_settings(args), Clients.connect(), open_store(),
@@ -124,7 +124,7 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from ilf.local import LocalServices
+    from loop.local import LocalServices
     with LocalServices(Path(config.get("ILF_HOME")) / "logs") as services:
         print(json.dumps(services.addresses), flush=True)
         try:
@@ -157,7 +157,7 @@ def cmd_models(args) -> int:
 
 def cmd_promote(args) -> int:
     """Hot-swaps the generation service to a version (or back to the previous one)."""
-    from ilf.clients import Clients
+    from loop.clients import Clients
     from ilf.v1 import generation_pb2
     clients = Clients.connect()
     if args.version:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         _add_round_flags(p)
         p.set_defaults(func=func)
-    from ilf.reproduce import METHODS
+    from loop.reproduce import METHODS
     reproduce = sub.add_parser("reproduce", help="the paper's comparison of methods on one base model")
     _add_round_flags(reproduce)
     # Sized to finish in about an hour on 2 CPU cores with SmolLM2-135M: every MBPP_Test task, greedy;

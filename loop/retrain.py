@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import time
 
-from ilf.clients import Clients
 from ilf.errors import NotFound
-from ilf.round import RoundSettings, run_round
 from ilf.store import ArtifactStore
 from ilf.v1 import feedback_pb2
+from loop.clients import Clients
+from loop.round import run_round
+from loop.settings import RoundSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The `ilf` command line: the composition root, the only package that starts services."""

@@ -1,0 +1,66 @@
+"""One renderer for every results table and chart the loop writes (a round's before/after, the comparison)."""
+from __future__ import annotations
+
+import io
+
+from ilf import data
+
+
+def summary(evaluation, *, solved_tasks: bool = False) -> dict:
+    """An evaluation as stored in reports: pass@k with its bootstrap 95% interval (and the solved task ids)."""
+    row = {"model_version": evaluation.model_version,
+           "pass_at": {str(k): v for k, v in evaluation.pass_at.items()},
+           "interval95": {str(k): list(v) for k, v in evaluation.intervals.items()}}
+    if solved_tasks:
+        row["solved_tasks"] = sorted(t for t, (_, c) in evaluation.results.items() if c)
+    return row
+
+
+def ks_of(rows: dict[str, dict]) -> list[str]:
+    evaluated = [row for row in rows.values() if "pass_at" in row]
+    return list(evaluated[0]["pass_at"]) if evaluated else ["1"]
+
+
+def pass_cells(row: dict, ks: list[str]) -> list[str]:
+    """`0.080 [0.03, 0.13]` per k, or the row's outcome where it was never evaluated."""
+    if "pass_at" not in row:
+        return [row.get("outcome", "")] * len(ks)
+    return [f"{row['pass_at'][k]:.3f} [{row['interval95'][k][0]:.2f}, {row['interval95'][k][1]:.2f}]" for k in ks]
+
+
+def markdown_table(first_header: str, rows: dict[str, dict], ks: list[str],
+                   extra: dict[str, callable] | None = None) -> list[str]:
+    """Markdown lines: one row per labelled result; `extra` adds columns computed from each row."""
+    extra = extra or {}
+    lines = [f"| {first_header} | " + " | ".join([f"pass@{k} [95% CI]" for k in ks] + list(extra)) + " |",
+             "|---|" + "---|" * (len(ks) + len(extra))]
+    for label, row in rows.items():
+        cells = pass_cells(row, ks) + [column(row) for column in extra.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def chart(rows: dict[str, dict], title: str, eval_split: str) -> bytes:
+    """A PNG: one group of bars per labelled result, one bar per k, with the 95% intervals as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = {label: row for label, row in rows.items() if "pass_at" in row}
+    ks = ks_of(rows) if rows else []
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.5))
+    width = 0.8 / max(len(ks), 1)
+    for j, k in enumerate(ks):
+        values = [r["pass_at"][k] for r in rows.values()]
+        errors = [[v - r["interval95"][k][0] for v, r in zip(values, rows.values())],
+                  [r["interval95"][k][1] - v for v, r in zip(values, rows.values())]]
+        ax.bar([i + j * width for i in range(len(rows))], values, width, yerr=errors, capsize=3, label=f"pass@{k}")
+    ax.set_xticks([i + width * (len(ks) - 1) / 2 for i in range(len(rows))],
+                  [label.replace(" (", "\n(").replace(" on ", "\non ") for label in rows], fontsize=7)
+    ax.set_ylabel(data.EVALUATION_SPLITS[eval_split])
+    ax.set_title(title)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
