@@ -73,7 +73,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients(t
     from transformers import AutoModelForCausalLM
 
     from ilf.modeling import LoadedModel
-    from services.training.runs import with_defaults
+    from ilf.training_spec import with_defaults
     from trainer.train import completion_loss, prepare_model
     hp = with_defaults({"method": method, "lora_rank": 4, "lora_dropout": 0.0})
     batch = data.collate(data.tokenize(tokenizer, RECORDS[:3], 1024)[0], tokenizer.pad_token_id)
@@ -100,11 +100,11 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_loss_and_gradients(t
 
 
 def write_spec(store, registry, run_id: str, **hyperparameters) -> dict:
-    from services.training.runs import with_defaults
+    from ilf.training_spec import with_defaults
     base = registry.ensure_base(__import__("ilf.config").config.get("ILF_BASE_MODEL"))
     hp = with_defaults({"batch_size": 4, "epochs": 2, "max_seq_len": 128, "lora_rank": 4, **hyperparameters})
     spec = {"run_id": run_id, "dataset": put_dataset(store, RECORDS, name="adds"), "base_model_version": base.version,
-            "purpose": "generation", "hyperparameters": hp, "output_version": f"out-{run_id}"}
+            "purpose": "generation", "hyperparameters": hp.to_json(), "output_version": f"out-{run_id}"}
     store.put_json(f"runs/{run_id}/spec.json", spec)
     return spec
 

@@ -16,7 +16,7 @@ def test_lora_on_smollm2_lowers_the_loss_and_yields_a_loadable_adapter(local_reg
 
     from ilf import data, prompts
     from ilf.modeling import load_version, local_files
-    from services.training.runs import with_defaults
+    from ilf.training_spec import with_defaults
     from trainer.train import train
     monkeypatch.delenv("ILF_BASE_MODEL")
     store = local_registry.store
@@ -29,7 +29,7 @@ def test_lora_on_smollm2_lowers_the_loss_and_yields_a_loadable_adapter(local_reg
     hp = with_defaults({"batch_size": 4, "epochs": 4, "max_seq_len": 512})  # the same 4 examples, 4 steps
     store.put_json("runs/smol/spec.json", {
         "run_id": "smol", "dataset": put_dataset(store, pairs, name="mbpp4"), "base_model_version": base.version,
-        "purpose": "generation", "hyperparameters": hp, "output_version": "smol-lora"})
+        "purpose": "generation", "hyperparameters": hp.to_json(), "output_version": "smol-lora"})
     record = train(store, "smol")
     losses = json.loads(store.get("runs/smol/metrics.json"))["losses"]
     assert losses[-1] < losses[0]

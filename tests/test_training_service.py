@@ -123,10 +123,10 @@ def test_bad_requests_are_rejected_with_a_clear_status(training_env, overrides, 
 
 
 def test_full_fine_tuning_uses_the_paper_defaults(training_env):
-    from services.training.runs import with_defaults
+    from ilf.training_spec import with_defaults
     hp = with_defaults({"method": "full"})
-    assert (hp["learning_rate"], hp["batch_size"], hp["epochs"], hp["max_seq_len"]) == (5e-6, 32, 2, 1024)
-    assert with_defaults({})["learning_rate"] == 2e-4
+    assert (hp.learning_rate, hp.batch_size, hp.epochs, hp.max_seq_len) == (5e-6, 32, 2, 1024)
+    assert with_defaults({}).learning_rate == 2e-4
 
 
 def test_trainer_crash_fails_the_run_with_exit_code_and_log_tail(service, training_env):

@@ -22,6 +22,7 @@ from ilf.datasets import read_dataset
 from ilf.errors import InvalidArgument
 from ilf.registry import ModelVersion, Registry
 from ilf.store import ArtifactStore
+from ilf.training_spec import Hyperparameters, RunSpec
 from trainer import data
 
 log = logging.getLogger("trainer")
@@ -82,12 +83,12 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-def prepare_model(loaded: modeling.LoadedModel, hp: dict, gradient_checkpointing: bool):
+def prepare_model(loaded: modeling.LoadedModel, hp: Hyperparameters, gradient_checkpointing: bool):
     model = loaded.model
-    if hp["method"] == "lora":
+    if hp.method == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(
-            r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
+            r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
             target_modules="all-linear", task_type="CAUSAL_LM"))
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, which frozen LoRA embeddings lack.
@@ -137,7 +138,7 @@ def save_loss_curve(losses: list[float], path: Path) -> None:
 def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micro_batch_tokens: int = 4096,
           gradient_checkpointing: bool = True) -> ModelVersion:
     registry = Registry(store)
-    spec = store.get_json(f"{run_prefix(run_id)}/spec.json")
+    spec = RunSpec.from_json(store.get_json(f"{run_prefix(run_id)}/spec.json"))
     progress = Progress(store, run_id)
     handler = _ProgressLogHandler(progress)
     log.addHandler(handler)
@@ -150,30 +151,31 @@ def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micr
     return record
 
 
-def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens, gradient_checkpointing) -> ModelVersion:
-    hp, run_id = spec["hyperparameters"], spec["run_id"]
-    if store.exists(f"models/{spec['output_version']}/MANIFEST.json"):
+def _train(store, registry, spec: RunSpec, progress, checkpoint_every, micro_batch_tokens,
+           gradient_checkpointing) -> ModelVersion:
+    hp, run_id = spec.hyperparameters, spec.run_id
+    if store.exists(f"models/{spec.output_version}/MANIFEST.json"):
         # An earlier attempt registered the model and died before it could report: nothing to redo.
-        log.info("model %s is already registered; nothing to do", spec["output_version"])
-        return registry.get(spec["output_version"])
+        log.info("model %s is already registered; nothing to do", spec.output_version)
+        return registry.get(spec.output_version)
 
-    torch.manual_seed(hp["seed"])
+    torch.manual_seed(hp.seed)
     modeling.configure_torch()
     progress.update(phase="loading", force=True)
-    log.info("loading %s and dataset %s", spec["base_model_version"], spec["dataset"])
-    loaded = modeling.load_version(registry, spec["base_model_version"], merge=True)
+    log.info("loading %s and dataset %s", spec.base_model_version, spec.dataset)
+    loaded = modeling.load_version(registry, spec.base_model_version, merge=True)
     tokenizer = loaded.tokenizer
-    examples, dropped = data.tokenize(tokenizer, read_dataset(store, spec["dataset"]), hp["max_seq_len"])
+    examples, dropped = data.tokenize(tokenizer, read_dataset(store, spec.dataset), hp.max_seq_len)
     if not examples:
-        raise InvalidArgument(f"no record of {spec['dataset']} keeps a completion token within max_seq_len={hp['max_seq_len']}")
+        raise InvalidArgument(f"no record of {spec.dataset} keeps a completion token within max_seq_len={hp.max_seq_len}")
     if dropped:
         log.warning("dropped %d records whose completion starts beyond max_seq_len", dropped)
 
     model = prepare_model(loaded, hp, gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    steps_per_epoch = math.ceil(len(examples) / hp["batch_size"])
-    total_steps = steps_per_epoch * hp["epochs"]
-    optimizer = torch.optim.AdamW(trainable, lr=hp["learning_rate"], weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / hp.batch_size)
+    total_steps = steps_per_epoch * hp.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0)
     # Linear decay to zero over the run, as in the authors' (Hugging Face Trainer) setup.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
 
@@ -183,7 +185,7 @@ def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens
         state = dict(resumed)
         log.info("resumed from the checkpoint at step %d/%d", state["step"], total_steps)
     log.info("%s fine-tuning: %d examples, %d steps of %d, %d trainable parameters, gradient checkpointing %s",
-             hp["method"], len(examples), total_steps, hp["batch_size"], sum(p.numel() for p in trainable),
+             hp.method, len(examples), total_steps, hp.batch_size, sum(p.numel() for p in trainable),
              "on" if gradient_checkpointing else "off")
 
     device, pad_id = loaded.device, tokenizer.pad_token_id
@@ -192,7 +194,7 @@ def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens
     first_step, session_start, session_tokens = state["step"], time.monotonic(), 0
     for step in range(state["step"], total_steps):
         epoch, index = divmod(step, steps_per_epoch)
-        batch_examples = data.epoch_steps(examples, hp["batch_size"], hp["seed"], epoch)[index]
+        batch_examples = data.epoch_steps(examples, hp.batch_size, hp.seed, epoch)[index]
         label_count = sum(e.completion_tokens for e in batch_examples)
         step_loss = 0.0
         for micro in data.micro_batches(batch_examples, micro_batch_tokens):
@@ -232,17 +234,17 @@ def _train(store, registry, spec, progress, checkpoint_every, micro_batch_tokens
     return _publish(store, registry, spec, model, tokenizer, metrics)
 
 
-def _publish(store, registry, spec, model, tokenizer, metrics) -> ModelVersion:
-    hp, run_id = spec["hyperparameters"], spec["run_id"]
+def _publish(store, registry, spec: RunSpec, model, tokenizer, metrics) -> ModelVersion:
+    hp, run_id = spec.hyperparameters, spec.run_id
     with tempfile.TemporaryDirectory(prefix="ilf-train-") as tmp:
         run_dir, model_dir = Path(tmp) / "run", Path(tmp) / "model"
         run_dir.mkdir()
         save_loss_curve(metrics["losses"], run_dir / "loss_curve.png")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         model = model.to("cpu")
-        if hp["method"] == "lora":
+        if hp.method == "lora":
             model.save_pretrained(model_dir)  # adapter_config.json + adapter_model.safetensors (PEFT layout)
-            if hp.get("merge_weights"):
+            if hp.merge_weights:
                 merged = model.merge_and_unload()
                 merged.save_pretrained(model_dir / "merged", safe_serialization=True)
                 tokenizer.save_pretrained(model_dir / "merged")
@@ -253,9 +255,9 @@ def _publish(store, registry, spec, model, tokenizer, metrics) -> ModelVersion:
             store.put(f"{run_prefix(run_id)}/{path.name}", path.read_bytes(), overwrite=True)
         summary = {k: v for k, v in metrics.items() if k != "losses"}
         record = registry.register(ModelVersion(
-            version=spec["output_version"], kind=hp["method"], base_version=spec["base_model_version"],
-            lineage={"dataset": spec["dataset"], "run_id": run_id, "hyperparameters": hp, "purpose": spec["purpose"],
-                     "merged_weights": "merged/" if hp["method"] == "lora" and hp.get("merge_weights") else None},
+            version=spec.output_version, kind=hp.method, base_version=spec.base_model_version,
+            lineage={"dataset": spec.dataset, "run_id": run_id, "hyperparameters": hp.to_json(), "purpose": spec.purpose,
+                     "merged_weights": "merged/" if hp.merge_weights else None},
             metrics=summary), model_dir)
     log.info("registered %s (final loss %.4f, %.0f tokens/s)", record.version, metrics["final_loss"],
              metrics["tokens_per_second"])

@@ -1,8 +1,8 @@
-"""Training runs as plain Python: validation, paper defaults, launching, monitoring, restarts.
+"""Training runs as plain Python: accepting, launching, monitoring, restarts.
 
-A run lives in the store: runs/<id>/spec.json (immutable: what to train) and runs/<id>/state.json
-(overwritten as it moves QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED), next to what the
-trainer writes there (progress.json, checkpoint.pt, metrics.json, loss_curve.png). A restarted
+A run lives in the store: runs/<id>/spec.json (immutable: what to train, an ilf.training_spec.RunSpec)
+and runs/<id>/state.json (overwritten as it moves QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED),
+next to what the trainer writes there (progress.json, checkpoint.pt, metrics.json, loss_curve.png). A restarted
 service reads the states back and keeps watching the runs that had not ended.
 """
 from __future__ import annotations
@@ -13,42 +13,17 @@ import threading
 import time
 from typing import Iterator
 
-from ilf.errors import FailedPrecondition, InvalidArgument, NotFound
+from ilf.errors import FailedPrecondition, NotFound
 from ilf.registry import Registry, new_version_id
 from ilf.store import ArtifactStore
+from ilf.training_spec import RunSpec, with_defaults
 from services.training.launchers import JobStatus, Launcher
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
-PURPOSES = ("generation", "refinement")
 PROGRESS_FIELDS = ("phase", "step", "total_steps", "epoch", "loss", "tokens_per_second", "eta_seconds")
-
-# The authors' fine-tuning defaults (PAPER.md), except the learning rate of LoRA: its update
-# starts at zero and is scaled by alpha/rank, so at the paper's full fine-tuning lr of 5e-6 an
-# adapter barely moves in two epochs of a few dozen steps; 2e-4 is the usual LoRA rate.
-DEFAULTS = {"method": "lora", "batch_size": 32, "epochs": 2, "max_seq_len": 1024, "lora_rank": 16,
-            "lora_alpha": 32.0, "lora_dropout": 0.05, "seed": 0, "merge_weights": False}
-DEFAULT_LEARNING_RATE = {"lora": 2e-4, "full": 5e-6}
-LIMITS = {"learning_rate": (1e-9, 1.0), "batch_size": (1, 4096), "epochs": (1, 100), "max_seq_len": (8, 32768),
-          "lora_rank": (1, 1024), "lora_alpha": (1e-3, 1e5)}
-
-
-def with_defaults(requested: dict) -> dict:
-    """The hyperparameters with unset (zero) fields filled and every value checked."""
-    hp = {**DEFAULTS, **{k: v for k, v in requested.items() if v}}
-    if hp["method"] not in DEFAULT_LEARNING_RATE:
-        raise InvalidArgument(f"method must be lora or full, got {hp['method']!r}")
-    hp.setdefault("learning_rate", DEFAULT_LEARNING_RATE[hp["method"]])
-    for name, (low, high) in LIMITS.items():
-        if not low <= hp[name] <= high:
-            raise InvalidArgument(f"{name} must be between {low:g} and {high:g}, got {hp[name]:g}")
-    if not 0 <= hp["lora_dropout"] < 1:
-        raise InvalidArgument(f"lora_dropout must be in [0, 1), got {hp['lora_dropout']:g}")
-    if hp["merge_weights"] and hp["method"] != "lora":
-        raise InvalidArgument("merge_weights applies to lora runs only (full runs are complete weights)")
-    return hp
 
 
 class RunManager:
@@ -57,7 +32,7 @@ class RunManager:
         self.max_concurrent, self.poll_s = max_concurrent, poll_s
         self.changed = threading.Condition()
         self.states: dict[str, dict] = {}
-        self.specs: dict[str, dict] = {}
+        self.specs: dict[str, dict] = {}  # the JSON form of each run's RunSpec
         for key in store.list("runs/"):
             if key.endswith("/state.json") and key.count("/") == 2:
                 state = store.get_json(key)
@@ -68,24 +43,18 @@ class RunManager:
 
     # requests
     def submit(self, dataset: str, base_model_version: str, hyperparameters: dict, purpose: str = "") -> dict:
-        if not dataset:
-            raise InvalidArgument("dataset (an artifact key) is required")
-        if not self.store.exists(dataset):
-            raise NotFound(f"dataset {dataset!r} does not exist in the store")
-        if not base_model_version:
-            raise InvalidArgument("base_model_version is required")
-        self.registry.get(base_model_version)  # NotFound unless registered
-        purpose = purpose or "generation"
-        if purpose not in PURPOSES:
-            raise InvalidArgument(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+        """Accepts a run; unset (zero) hyperparameters and purpose take their defaults."""
         hp = with_defaults(hyperparameters)
+        purpose = purpose or "generation"
         run_id = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         now = time.time()
-        spec = {"run_id": run_id, "dataset": dataset, "base_model_version": base_model_version, "purpose": purpose,
-                "hyperparameters": hp, "output_version": new_version_id(f"{purpose[:3]}-{hp['method']}"),
-                "created_at": now}
-        self.store.put_json(f"runs/{run_id}/spec.json", spec)
-        self.specs[run_id] = spec
+        spec = RunSpec(run_id=run_id, dataset=dataset, base_model_version=base_model_version, hyperparameters=hp,
+                       output_version=new_version_id(f"{purpose[:3]}-{hp.method}"), purpose=purpose, created_at=now)
+        if not self.store.exists(dataset):
+            raise NotFound(f"dataset {dataset!r} does not exist in the store")
+        self.registry.get(base_model_version)  # NotFound unless registered
+        self.store.put_json(f"runs/{run_id}/spec.json", spec.to_json())
+        self.specs[run_id] = spec.to_json()
         state = {"run_id": run_id, "state": QUEUED, "created_at": now, "updated_at": now, "progress": {},
                  "log_tail": [], "error": "", "output_model_version": "", "handle": None}
         self._save(state)

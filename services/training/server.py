@@ -4,19 +4,17 @@ from __future__ import annotations
 from ilf import config
 from ilf.grpc_util import Server, setup_logging
 from ilf.store import open_store
+from ilf.training_spec import HYPERPARAMETER_FIELDS
 from ilf.v1 import training_pb2, training_pb2_grpc
 from services.training.launchers import make_launcher
 from services.training.runs import RunManager
-
-HYPERPARAMETERS = ("method", "learning_rate", "batch_size", "epochs", "max_seq_len", "lora_rank", "lora_alpha",
-                   "lora_dropout", "seed", "merge_weights")
 
 
 def to_proto(run: dict) -> training_pb2.Run:
     return training_pb2.Run(
         run_id=run["run_id"], state=training_pb2.RunState.Value(f"RUN_STATE_{run['state']}"), dataset=run["dataset"],
         base_model_version=run["base_model_version"], purpose=run["purpose"],
-        hyperparameters=training_pb2.Hyperparameters(**{k: run["hyperparameters"][k] for k in HYPERPARAMETERS}),
+        hyperparameters=training_pb2.Hyperparameters(**run["hyperparameters"]),
         progress=training_pb2.Progress(**run["progress"]),
         output_model_version=run["output_model_version"], error=run["error"], created_at=run["created_at"],
         updated_at=run["updated_at"], log_tail=run["log_tail"], artifacts=f"runs/{run['run_id']}/",
@@ -28,7 +26,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         self.runs = runs
 
     def SubmitRun(self, request, context):
-        requested = {k: getattr(request.hyperparameters, k) for k in HYPERPARAMETERS}
+        requested = {k: getattr(request.hyperparameters, k) for k in HYPERPARAMETER_FIELDS}
         return to_proto(self.runs.submit(request.dataset, request.base_model_version, requested, request.purpose))
 
     def GetRun(self, request, context):
