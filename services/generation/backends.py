@@ -17,7 +17,8 @@ from ilf.registry import Registry
 
 from .engine import Engine
 from .models import ModelManager, initial_version
-from .request import GenerationHandle, Settings, TokenEvent, cut_at_stop, validate
+from .detokenize import cut_at_stop
+from .request import GenerationHandle, Settings, TokenEvent, validate
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,13 @@ class Backend(ABC):
     def start(self) -> None:
         """Gets ready to serve (may take minutes: loads the first model); raises if it cannot."""
 
+    def submit(self, prompt: str, settings: Settings, model_version: str = "") -> GenerationHandle:
+        """Starts a request; the one place requests are validated, whichever protocol brought them."""
+        validate(prompt, settings)
+        return self._submit(prompt, settings, model_version)
+
     @abstractmethod
-    def submit(self, prompt: str, settings: Settings, model_version: str = "") -> GenerationHandle: ...
+    def _submit(self, prompt: str, settings: Settings, model_version: str) -> GenerationHandle: ...
 
     @abstractmethod
     def load(self, version: str) -> dict: ...
@@ -93,8 +99,7 @@ class TransformersBackend(Backend):
         # An empty pointer gets the start-up version, so the first switch can be rolled back.
         self.models.serve(version, promote=self.registry.serving_version("generation") is None)
 
-    def submit(self, prompt, settings, model_version=""):
-        validate(prompt, settings)
+    def _submit(self, prompt, settings, model_version):
         return self.engine.submit(self.models.resolve(model_version), prompt, settings)
 
     def load(self, version):
@@ -140,8 +145,7 @@ class TgiBackend(Backend):
         info.raise_for_status()
         self.version = info.json().get("model_id", "") or self.url
 
-    def submit(self, prompt, settings, model_version=""):
-        validate(prompt, settings)
+    def _submit(self, prompt, settings, model_version):
         if not self.version:
             raise Unavailable(f"the TGI server at {self.url} has not answered yet")
         if model_version and model_version != self.version:

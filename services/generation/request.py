@@ -68,12 +68,6 @@ def validate(prompt: str, settings: Settings) -> Settings:
     return settings
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    """Text before the earliest stop sequence, and whether one was found."""
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 @dataclass
 class TokenEvent:
     """One generated token of sample `index`; `completion` is set on the sample's last token."""

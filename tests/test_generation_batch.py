@@ -1,0 +1,72 @@
+"""Batch operations on the tiny model: prefill, merge, select and step give each row what it gets alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ilf.modeling import LoadedModel
+from services.generation.batch import Batch
+from services.generation.request import GenerationHandle, Settings
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return LoadedModel(version="tiny", model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+                       device="cpu")
+
+
+def prefill(loaded, prompt: str, n: int, seed: int = 0) -> Batch:
+    settings = Settings(n=n, temperature=1.0, seed=seed)
+    handle = GenerationHandle(n=n, model_version=loaded.version, seeds=[seed + i for i in range(n)])
+    input_ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return Batch.prefill(loaded, input_ids, handle, settings)
+
+
+def next_logits(loaded, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+@torch.inference_mode()
+def test_prefill_gives_each_sample_a_row_with_its_own_seed(loaded):
+    batch = prefill(loaded, "def add(a, b):", n=3, seed=10)
+    assert len(batch.rows) == 3 and [row.index for row in batch.rows] == [0, 1, 2]
+    draws = [torch.rand(1, generator=row.generator).item() for row in batch.rows]
+    assert draws == [torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in (10, 11, 12)]
+    expected = next_logits(loaded, batch.rows[0].prompt_ids)
+    assert all(torch.allclose(batch.logits[i], expected, atol=1e-5) for i in range(3))
+
+
+@torch.inference_mode()
+def test_merged_and_filtered_rows_decode_as_if_alone(loaded):
+    long_prompt, short_prompt = "def a_much_longer_function_name(first, second):", "x ="
+    batch = prefill(loaded, long_prompt, n=2)
+    batch.merge(prefill(loaded, short_prompt, n=2))
+    fed = [[] for _ in batch.rows]
+    for step in range(3):
+        tokens = torch.tensor([100 + 7 * step + i for i in range(len(batch.rows))])
+        for i, token in enumerate(tokens.tolist()):
+            fed[i].append(token)
+        batch.step(tokens)
+    for i, row in enumerate(batch.rows):
+        assert torch.allclose(batch.logits[i], next_logits(loaded, row.prompt_ids + fed[i]), atol=1e-4)
+    # only short-prompt rows left: the long prompt's padding columns go
+    batch.select([2, 3])
+    assert batch.mask.shape[1] == len(batch.rows[0].prompt_ids) + 3 and bool(batch.mask.all())
+    batch.step(torch.tensor([5, 6]))
+    for row, tokens in zip(batch.rows, (fed[2] + [5], fed[3] + [6])):
+        assert torch.allclose(batch.logits[batch.rows.index(row)], next_logits(loaded, row.prompt_ids + tokens),
+                              atol=1e-4)
+
+
+@torch.inference_mode()
+def test_fail_ends_every_row_of_the_request(loaded):
+    batch = prefill(loaded, "x", n=2)
+    handle = batch.rows[0].handle
+    batch.fail(RuntimeError("boom"))
+    assert batch.rows == []
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="boom"):
+            handle.poll()
