@@ -113,7 +113,7 @@ def main() -> int:
     if model == "tiny":
         from ilf.tiny_model import build_tiny_model
         model = str(build_tiny_model(home / "tiny-model"))
-    env = {"ILF_HOME": str(home), "ILF_STORE": f"file://{home / 'store'}", "ILF_BASE_MODEL": model,
+    env = {"ILF_HOME": str(home), "ILF_CACHE": str(home / "cache"), "ILF_STORE": f"file://{home / 'store'}", "ILF_BASE_MODEL": model,
            "ILF_AUTH": "off"}
     from ilf.grpc_util import free_port
     ports = {name: free_port() for name in ("execution", "generation", "refinement", "training", "feedback")}

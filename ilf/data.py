@@ -58,7 +58,7 @@ def data_file(name: str) -> Path:
         if not path.exists():
             raise DataError(f"{path} does not exist (ILF_DATA_DIR={data_dir})")
         return path
-    path = Path(config.get("ILF_HOME")) / "data" / name
+    path = Path(config.get("ILF_CACHE")) / "data" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".part")

@@ -1,12 +1,16 @@
 """Server and client plumbing shared by every service: health, reflection, error mapping."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
+import sys
 import threading
+import time
 from concurrent import futures
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -87,35 +91,123 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-class Server:
-    """A gRPC server with health checking, reflection, authentication, TLS and the error interceptor."""
+@dataclass(frozen=True)
+class ServerConfig(config.Section):
+    """What every gRPC server of the system shares."""
+    LABEL: ClassVar[str] = "server"
+    bind_host: str = config.setting("ILF_BIND_HOST")
+    workers: int = config.setting("ILF_GRPC_WORKERS")
+    max_probe_streams: int = config.setting("ILF_GRPC_MAX_PROBE_STREAMS")
+    max_probe_streams_per_peer: int = config.setting("ILF_GRPC_MAX_PROBE_STREAMS_PER_PEER")
+    drain_s: float = config.setting("ILF_GRPC_DRAIN_S")
 
-    def __init__(self, service_names: Iterable[str], port: int, *, host: str | None = None,
-                 max_workers: int = 32, interceptors: Iterable[grpc.ServerInterceptor] = ()):
-        self.service_names = list(service_names)
-        host = host or config.get("ILF_BIND_HOST")
+
+# Health checking and reflection need no token, so without a bound of their own a stranger's open Health.Watch
+# streams could hold every worker thread and starve authenticated calls.
+PROBE_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
+
+
+class ProbeLimit(grpc.ServerInterceptor):
+    """Bounds concurrent health and reflection calls, in all and per peer; beyond it they get RESOURCE_EXHAUSTED.
+
+    The server has that many threads more than `workers`, so probes never take capacity from real calls."""
+
+    def __init__(self, total: int, per_peer: int):
+        self.total, self.per_peer = total, per_peer
+        self.lock = threading.Lock()
+        self.active: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def _slot(self, context):
+        peer = context.peer().rsplit(":", 1)[0]   # the host: one client opening many connections is one peer
+        with self.lock:
+            admitted = sum(self.active.values()) < self.total and self.active.get(peer, 0) < self.per_peer
+            if admitted:
+                self.active[peer] = self.active.get(peer, 0) + 1
+        if not admitted:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many health or reflection calls (at most {self.total} in all and {self.per_peer} "
+                          "per peer: ILF_GRPC_MAX_PROBE_STREAMS, ILF_GRPC_MAX_PROBE_STREAMS_PER_PEER)")
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active[peer] -= 1
+                if not self.active[peer]:
+                    del self.active[peer]
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.lstrip("/").startswith(PROBE_SERVICES):
+            return handler
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+        inner = getattr(handler, kind)
+
+        def stream(request, context):
+            with self._slot(context):
+                yield from inner(request, context)
+
+        def unary(request, context):
+            with self._slot(context):
+                return inner(request, context)
+        return getattr(grpc, f"{kind}_rpc_method_handler")(stream if kind.endswith("_stream") else unary,
+                                                           handler.request_deserializer, handler.response_serializer)
+
+
+class Service:
+    """What a Server hosts; every service has the same lifecycle.
+
+    start: the port is bound and health answers NOT_SERVING; `load()` runs in the background (a model, the
+    sandbox workers, run monitoring); SERVING once it returns, and the process exits non-zero if it raises.
+    stop: NOT_SERVING, in-flight calls drain for ILF_GRPC_DRAIN_S, then `close()`.
+    """
+    names: tuple[str, ...] = ()
+
+    def add_to(self, grpc_server: grpc.Server) -> None:
+        raise NotImplementedError
+
+    def load(self) -> str:
+        """Blocks until the service can answer calls; returns what it loaded, for the `ready` log line."""
+        return ""
+
+    def close(self) -> None:
+        """Stops what the service runs besides its gRPC handlers."""
+
+
+class Server:
+    """A gRPC server with health checking, reflection, authentication, TLS, the error interceptor and the probe
+    limit, around one Service."""
+
+    def __init__(self, service: Service, port: int, settings: ServerConfig | None = None, *,
+                 interceptors: Iterable[grpc.ServerInterceptor] = ()):
+        self.service = service
+        self.settings = settings or ServerConfig.from_env()
+        self.service_names = list(service.names)
+        host = self.settings.bind_host
         credentials = tls.server_credentials()
         # Checked first, so a refused call never reaches (or parses for) the service.
         authenticate = [checker] if (checker := auth.server_interceptor(host)) else []
+        probes = ProbeLimit(self.settings.max_probe_streams, self.settings.max_probe_streams_per_peer)
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=[*authenticate, *interceptors, ErrorInterceptor()],
+            futures.ThreadPoolExecutor(max_workers=self.settings.workers + self.settings.max_probe_streams),
+            interceptors=[probes, *authenticate, *interceptors, ErrorInterceptor()],
             # Without SO_REUSEPORT a second server on a taken port fails instead of silently sharing it.
             options=[*channel_options(), ("grpc.so_reuseport", 0)])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server)
-        address = f"{host}:{port}"
+        reflection.enable_server_reflection([*self.service_names, *PROBE_SERVICES], self.grpc_server)
+        self.address = f"{host}:{port}"
         try:
-            self.port = (self.grpc_server.add_secure_port(address, credentials) if credentials
-                         else self.grpc_server.add_insecure_port(address))
+            self.port = (self.grpc_server.add_secure_port(self.address, credentials) if credentials
+                         else self.grpc_server.add_insecure_port(self.address))
         except RuntimeError as error:  # grpc's way of saying the address is taken
-            raise OSError(f"cannot listen on {address}: {error}") from None
+            raise OSError(f"cannot listen on {self.address}: {error}") from None
+        self.security = f"TLS {'on' if credentials else 'off'}, auth {'on' if authenticate else 'off'}"
+        service.add_to(self.grpc_server)
         self.set_serving(False)
-
-    def add(self, add_to_server: Callable, servicer) -> None:
-        add_to_server(servicer, self.grpc_server)
+        self.ready = threading.Event()
+        self.load_failed: BaseException | None = None
+        self._ended = threading.Event()   # loaded or failed
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -124,19 +216,56 @@ class Server:
 
     def start(self) -> None:
         self.grpc_server.start()
-        log.info("serving %s on port %d", ", ".join(self.service_names), self.port)
+        log.info("listening on %s:%d (%s) for %s", self.settings.bind_host, self.port, self.security,
+                 ", ".join(self.service_names))
+        threading.Thread(target=self._load, name="load", daemon=True).start()
 
-    def run_until_signal(self, on_stop: Callable[[], None] | None = None) -> None:
-        """Serves until SIGTERM or SIGINT, then drains in-flight calls for up to 10 s."""
-        stopped = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stopped.set())
-        self.start()
-        stopped.wait()
+    def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            loaded = self.service.load()
+        except Exception as error:  # noqa: BLE001 - one line says why; run_until_signal exits non-zero
+            self.load_failed = error
+            log.error("cannot serve: %s", error)
+            log.debug("load failure", exc_info=True)
+        else:
+            self.set_serving(True)
+            self.ready.set()
+            log.info("ready after %.1f s%s", time.monotonic() - started, f": {loaded}" if loaded else "")
+        self._ended.set()
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, in-flight calls drain for `grace` seconds (default ILF_GRPC_DRAIN_S), then the service closes."""
+        grace = self.settings.drain_s if grace is None else grace
+        log.info("draining for up to %.0f s", grace)
         self.set_serving(False)
-        if on_stop:
-            on_stop()
-        self.grpc_server.stop(grace=10).wait()
+        self.grpc_server.stop(grace).wait()
+        self.service.close()
+        log.info("stopped")
+
+    def run_until_signal(self) -> int:
+        """Serves until SIGTERM or SIGINT (exit status 0) or until the service fails to load (status 1)."""
+        stopping = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+        self.start()
+        while not stopping.wait(0.5):
+            if self._ended.is_set() and self.load_failed:
+                break
+        self.stop()
+        return 1 if self.load_failed else 0
+
+
+def serve(build: Callable[[], Server]) -> None:
+    """A service's main: logging, the server built from its settings (a bad setting is one line and status 2),
+    then served until a signal; exits with the server's status."""
+    setup_logging()
+    try:
+        server = build()
+    except (config.ConfigError, OSError, ValueError, RuntimeError) as error:
+        log.error("cannot start: %s", error)
+        sys.exit(2)
+    sys.exit(server.run_until_signal())
 
 
 def channel(address: str) -> grpc.Channel:
@@ -149,7 +278,6 @@ def channel(address: str) -> grpc.Channel:
 
 def wait_healthy(address: str, timeout_s: float = 120.0, service: str = "") -> None:
     """Blocks until the server at address reports SERVING, or raises TimeoutError."""
-    import time
     deadline = time.monotonic() + timeout_s
     with channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)

@@ -247,6 +247,6 @@ def open_store(url: str | None = None) -> ArtifactStore:
         if not endpoint:
             raise ValueError("an s3:// store needs ILF_S3_ENDPOINT (host:port)")
         return S3Store(parsed.netloc, endpoint, config.get("ILF_S3_ACCESS_KEY"), config.get("ILF_S3_SECRET_KEY"),
-                       secure=config.enabled("ILF_S3_SECURE"), region=config.get("ILF_S3_REGION"),
+                       secure=config.get("ILF_S3_SECURE"), region=config.get("ILF_S3_REGION"),
                        prefix=parsed.path)
     raise ValueError(f"unknown store URL scheme in {url!r}")

@@ -1,12 +1,13 @@
 """Shared fixtures: MBPP data from ILF_DATA_DIR, a tiny random model, stores, free ports."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
-from ilf.grpc_util import free_port  # noqa: F401 - imported by the tests from here
+from ilf.grpc_util import Server, ServerConfig, Service, free_port  # noqa: F401 - the tests import free_port here
 from ilf.tiny_model import build_tiny_model
 
 os.environ.setdefault("ILF_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -22,6 +23,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def ilf_env(tmp_path, monkeypatch, tiny_model_dir):
     """A private ILF_HOME with a local store and the tiny model as the base model."""
     monkeypatch.setenv("ILF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ILF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ILF_STORE", f"file://{tmp_path / 'store'}")
     monkeypatch.setenv("ILF_BASE_MODEL", str(tiny_model_dir))
     # CPU unless asked: ILF_TEST_DEVICE=cuda runs the same tests on a GPU machine.
@@ -109,3 +111,19 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("ILF_S3_SECRET_KEY", s3_server.secret_key)
     monkeypatch.setenv("ILF_STORE", f"s3://ilf-{secrets.token_hex(4)}")
     return s3_server
+
+
+class EmptyService(Service):
+    """Nothing but health checking and reflection: for tests of the server plumbing itself."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def add_to(self, grpc_server) -> None:
+        pass
+
+
+def empty_server(port: int = 0, host: str | None = None) -> Server:
+    settings = ServerConfig.from_env()
+    return Server(EmptyService("ilf.v1.Test"), port,
+                  dataclasses.replace(settings, bind_host=host) if host else settings)

@@ -131,7 +131,7 @@ def grpc_channel(executor):
     server.start()
     with channel(f"127.0.0.1:{server.port}") as ch:
         yield ch
-    server.grpc_server.stop(None).wait()  # the shared executor outlives this server
+    server.stop(0)  # the shared executor outlives this server
 
 
 @pytest.fixture(scope="module")
@@ -234,4 +234,4 @@ def test_a_client_that_cancels_a_batch_stops_its_queued_programs(one_worker):
             assert stub.Execute(execution_pb2.ExecuteRequest(program=DOUBLE, tests=["assert double(1) == 2"])).passed
             assert time.monotonic() - started < 3.0
     finally:
-        server.grpc_server.stop(None).wait()
+        server.stop(0)

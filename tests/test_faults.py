@@ -90,8 +90,7 @@ def generation(ilf_env):
     assert server.ready.wait(120)
     with channel(f"127.0.0.1:{server.port}") as ch:
         yield server, generation_pb2_grpc.GenerationStub(ch)
-    server.grpc_server.stop(None).wait()
-    server.close()
+    server.stop(0)
 
 
 def test_failed_decode_step_fails_its_requests_and_the_engine_recovers(generation, monkeypatch):
@@ -142,7 +141,7 @@ def test_dead_scheduler_thread_is_replaced_without_a_restart_by_hand(generation,
     from ilf.v1 import common_pb2, generation_pb2
     from services.generation.engine import Engine
     server, stub = generation
-    engine = server.backend.engine
+    engine = server.service.backend.engine
     real_admit = Engine._admit
     kills = []
 

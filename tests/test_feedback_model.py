@@ -28,9 +28,8 @@ def stubs(ilf_env, monkeypatch):
     feedback.start()
     yield (feedback_pb2_grpc.FeedbackStub(channel(f"127.0.0.1:{feedback.port}")),
            generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{generation.port}")))
-    feedback.grpc_server.stop(None)
-    generation.grpc_server.stop(None)
-    generation.close()
+    feedback.stop(0)
+    generation.stop(0)
     execution.stop(grace=None)
 
 

@@ -138,8 +138,7 @@ def test_generation(ilf_env):
                 prompt="def f(x):", params=common_pb2.SamplingParams(n=2, max_new_tokens=4)), timeout=60)
             assert len(reply.completions) == 2
     finally:
-        server.grpc_server.stop(None).wait()
-        server.close()
+        server.stop(0)
 
 
 def wait_serving(address: str, service: str) -> None:
@@ -160,9 +159,8 @@ def test_refinement(ilf_env, monkeypatch):
         fuzz_service(address, "refinement_pb2", "Refinement", "ilf.v1.Refinement")
     finally:
         if server:
-            server.grpc_server.stop(None).wait()
-        generation.grpc_server.stop(None).wait()
-        generation.close()
+            server.stop(0)
+        generation.stop(0)
 
 
 def test_training(ilf_env):
@@ -171,8 +169,7 @@ def test_training(ilf_env):
     try:
         fuzz_service(started(server), "training_pb2", "Training", "ilf.v1.Training")
     finally:
-        server.grpc_server.stop(None).wait()
-        server.run_manager.stop()
+        server.stop(0)
 
 
 def test_feedback(ilf_env):
@@ -181,4 +178,4 @@ def test_feedback(ilf_env):
     try:
         fuzz_service(started(server), "feedback_pb2", "Feedback", "ilf.v1.Feedback")
     finally:
-        server.grpc_server.stop(None).wait()
+        server.stop(0)

@@ -69,8 +69,7 @@ def engine():
 def served(ilf_env):
     server = start_server()
     yield server, stub_for(server)
-    server.grpc_server.stop(0)
-    server.close()
+    server.stop(0)
 
 
 # engine
@@ -264,7 +263,7 @@ def test_stream_tokens_and_completions(served):
 
 def test_deadline_and_cancel_stop_compute(served):
     server, stub = served
-    engine = server.backend.engine
+    engine = server.service.backend.engine
     with pytest.raises(grpc.RpcError) as error:
         stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(n=4, max_new_tokens=2000)),
                       timeout=0.5)
@@ -286,13 +285,12 @@ def test_health_serving_after_load(ilf_env):
         reply = health.Check(health_pb2.HealthCheckRequest(service="ilf.v1.Generation"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
-        server.grpc_server.stop(0)
-        server.close()
+        server.stop(0)
 
 
 def test_concurrent_requests_share_batches(served):
     server, stub = served
-    engine = server.backend.engine
+    engine = server.service.backend.engine
     steps_before = engine.steps
     replies = []
     threads = [threading.Thread(target=lambda: replies.append(stub.Generate(generation_pb2.GenerateRequest(

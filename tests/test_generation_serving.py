@@ -20,8 +20,7 @@ from test_generation import PROMPT, make_lora, params, start_server, stub_for
 
 def _stop(*servers):
     for server in servers:
-        server.grpc_server.stop(0)
-        server.close()
+        server.stop(0)
 
 
 @pytest.fixture
@@ -127,7 +126,7 @@ def test_full_queue_is_resource_exhausted_over_grpc(ilf_env, monkeypatch):
         next(running)
         waiting = stub.GenerateStream(long_request)
         deadline = time.monotonic() + 5
-        while server.backend.engine.queued < 1 and time.monotonic() < deadline:
+        while server.service.backend.engine.queued < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         with pytest.raises(grpc.RpcError) as error:
             stub.Generate(long_request)

@@ -1,14 +1,14 @@
 """Server plumbing shared by every service."""
 import pytest
 
-from ilf.grpc_util import Server
+from conftest import empty_server
 
 
 def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it():
-    first = Server(["ilf.v1.Test"], 0)
+    first = empty_server()
     first.start()
     try:
         with pytest.raises(OSError, match="cannot listen"):
-            Server(["ilf.v1.Test"], first.port)
+            empty_server(first.port)
     finally:
-        first.grpc_server.stop(None)
+        first.stop(0)

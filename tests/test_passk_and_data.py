@@ -53,7 +53,7 @@ def test_data_files_have_the_published_checksums():
 def test_download_is_verified(tmp_path, monkeypatch):
     """Without ILF_DATA_DIR the file is fetched (here from a local URL) and its sha256 checked."""
     monkeypatch.setenv("ILF_DATA_DIR", "")
-    monkeypatch.setenv("ILF_HOME", str(tmp_path))
+    monkeypatch.setenv("ILF_CACHE", str(tmp_path))
     good = tmp_path / "src.jsonl"
     good.write_bytes(b'{"task_id": 1}\n')
     monkeypatch.setitem(data.SOURCES, "mbpp.jsonl", (good.as_uri(), hashlib.sha256(good.read_bytes()).hexdigest()))

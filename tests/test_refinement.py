@@ -7,6 +7,8 @@ from ilf.errors import InvalidArgument, NotFound, Unavailable
 from ilf.grpc_util import channel, wait_healthy
 from ilf.v1 import generation_pb2_grpc
 from services.generation.server import build_server
+from ilf.sampling import Sampling
+from services.refinement.config import RefinementConfig
 from services.refinement.refiner import Refiner, TaskSpec, task_prompt
 
 
@@ -17,13 +19,12 @@ def generation(ilf_env):
     address = f"127.0.0.1:{server.port}"
     wait_healthy(address)
     yield generation_pb2_grpc.GenerationStub(channel(address))
-    server.close()
-    server.grpc_server.stop(grace=None)
+    server.stop(grace=0)
 
 
 @pytest.fixture
 def refiner(local_registry, generation):
-    refiner = Refiner(local_registry, generation)
+    refiner = Refiner(local_registry, generation, RefinementConfig.from_env())
     refiner.switch(refiner.start_version())
     return refiner
 
@@ -42,7 +43,7 @@ def test_task_prompt_from_id_or_from_fields():
 def test_refine_builds_the_paper_prompt_and_returns_whole_programs(refiner, local_registry):
     note = data.annotations("train")[0]
     refined, prompt, version = refiner.refine(TaskSpec(task_id=note.task_id), note.failing_program, note.feedback,
-                                              n=3, temperature=0.8, max_new_tokens=8, seed=7)
+                                              Sampling(n=3, temperature=0.8, max_new_tokens=8, seed=7))
     gen_prompt = prompts.mbpp_prompt(data.task(note.task_id))
     assert prompt.startswith("OLD CODE:\n") and f"\n\nFEEDBACK:\n{note.feedback}\n\nREFINEMENT:\n" in prompt
     assert prompt.endswith(gen_prompt)
@@ -50,16 +51,16 @@ def test_refine_builds_the_paper_prompt_and_returns_whole_programs(refiner, loca
     assert all(r.completion.generated_tokens <= 8 for r in refined)
     assert version == local_registry.serving_version("refinement")
     again, _, _ = refiner.refine(TaskSpec(task_id=note.task_id), note.failing_program, note.feedback,
-                                 n=3, temperature=0.8, max_new_tokens=8, seed=7)
+                                              Sampling(n=3, temperature=0.8, max_new_tokens=8, seed=7))
     assert [r.program for r in again] == [r.program for r in refined]  # same seed, same output
 
 
 def test_old_code_is_truncated_so_the_prompt_fits_1024_tokens(refiner):
     long_program = "def f():\n" + "    x = 1\n" * 2000
-    _, prompt, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", max_new_tokens=1)
+    _, prompt, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", Sampling(max_new_tokens=1))
     old_code = prompt.split("\n\nFEEDBACK:\n")[0].removeprefix("OLD CODE:\n")
     assert old_code == long_program[:prompts.REFINEMENT_OLD_CODE_CHARS]
-    refined, _, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", max_new_tokens=1)
+    refined, _, _ = refiner.refine(TaskSpec(task_id=11), long_program, "Shorter.", Sampling(max_new_tokens=1))
     assert refined[0].completion.prompt_tokens <= 1024
 
 
@@ -71,7 +72,7 @@ def test_old_code_is_truncated_so_the_prompt_fits_1024_tokens(refiner):
 ])
 def test_bad_requests_are_refused(refiner, program, feedback, n, message):
     with pytest.raises(InvalidArgument, match=message):
-        refiner.refine(TaskSpec(task_id=11), program, feedback, n=n, max_new_tokens=4)
+        refiner.refine(TaskSpec(task_id=11), program, feedback, Sampling(n=n, max_new_tokens=4))
 
 
 def test_a_failed_switch_keeps_the_serving_version(refiner):
@@ -91,17 +92,17 @@ def test_refines_again_after_the_generation_service_dropped_the_model(local_regi
         stub = generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{server.port}"))
         # two more versions of the same weights under other ids
         pi_refine, other = (local_registry.ensure_base(f"{tiny_model_dir}/{suffix}").version for suffix in (".", "./."))
-        refiner = Refiner(local_registry, stub)
+        refiner = Refiner(local_registry, stub, RefinementConfig.from_env())
         refiner.switch(pi_refine)
         stub.LoadModel(generation_pb2.LoadModelRequest(model_version=other))
         assert pi_refine not in stub.GetModelStatus(generation_pb2.GetModelStatusRequest()).loaded_versions
-        assert refiner.refine(TaskSpec(task_id=11), "def f(): pass", "Fix it.", max_new_tokens=2)[2] == pi_refine
+        assert refiner.refine(TaskSpec(task_id=11), "def f(): pass", "Fix it.", Sampling(max_new_tokens=2))[2] == pi_refine
     finally:
-        server.close()
-        server.grpc_server.stop(grace=None)
+        server.stop(0)
 
 
 def test_an_unreachable_generation_service_is_unavailable(local_registry):
-    refiner = Refiner(local_registry, generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{free_port()}")))
+    refiner = Refiner(local_registry, generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{free_port()}")),
+                      RefinementConfig.from_env())
     with pytest.raises(Unavailable, match="generation service"):
         refiner.switch(refiner.start_version())

@@ -29,7 +29,7 @@ SMALL = dict(eval_tasks=3, eval_samples=2, eval_temperature=0.8, train_tasks=3, 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("system")
-    env = {"ILF_HOME": str(root / "home"), "ILF_STORE": f"file://{root / 'store'}",
+    env = {"ILF_HOME": str(root / "home"), "ILF_CACHE": str(root / "cache"), "ILF_STORE": f"file://{root / 'store'}",
            "ILF_BASE_MODEL": str(tiny_model_dir), "ILF_DEVICE": "cpu", "ILF_TORCH_THREADS": "1"}
     ports = {name: free_port() for name in SERVICES}
     with LocalServices(root / "logs", env=env, ports=ports, startup_timeout_s=300) as services:

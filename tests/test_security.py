@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ilf import auth
+from conftest import empty_server
 from ilf.grpc_util import Server, channel
 from ilf.v1 import execution_pb2, execution_pb2_grpc, training_pb2, training_pb2_grpc
 from services.execution.executor import Executor
@@ -46,15 +47,14 @@ def serve(server: Server):
 def training(ilf_env, tokens_file):
     server = build_training(0)
     yield serve(server)
-    server.grpc_server.stop(None).wait()
-    server.run_manager.stop()
+    server.stop(0)
 
 
 @pytest.fixture
 def execution(executor, tokens_file):
     server = build_execution(0, executor)
     yield serve(server)
-    server.grpc_server.stop(None).wait()
+    server.stop(0)
 
 
 def call_code(fn) -> grpc.StatusCode:
@@ -151,14 +151,14 @@ def test_rotated_tokens_file_takes_effect_without_restart(training, tokens_file,
 def test_refuses_to_serve_beyond_loopback_without_a_decision(ilf_env, monkeypatch, tokens_file):
     monkeypatch.delenv("ILF_AUTH_TOKENS_FILE")
     with pytest.raises(RuntimeError, match="without authentication"):
-        Server(["x.Y"], 0, host="0.0.0.0")
+        empty_server(host="0.0.0.0")
     monkeypatch.setenv("ILF_AUTH", "on")
     with pytest.raises(RuntimeError, match="without authentication"):
-        Server(["x.Y"], 0, host="127.0.0.1")
+        empty_server(host="127.0.0.1")
     monkeypatch.setenv("ILF_AUTH", "off")
-    Server(["x.Y"], 0, host="0.0.0.0").grpc_server.stop(None)
+    empty_server(host="0.0.0.0").stop(0)
     monkeypatch.setenv("ILF_AUTH", "auto")
-    Server(["x.Y"], 0, host="127.0.0.1").grpc_server.stop(None)  # loopback: only local processes connect
+    empty_server(host="127.0.0.1").stop(0)  # loopback: only local processes connect
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -217,7 +217,7 @@ def test_tls_and_mutual_tls(executor, certificates, monkeypatch, client_auth):
             monkeypatch.delenv(setting)
         assert health_code(address) == grpc.StatusCode.UNAVAILABLE
     finally:
-        server.grpc_server.stop(None).wait()
+        server.stop(0)
 
 
 def test_tokens_over_mutual_tls(executor, certificates, tokens_file, monkeypatch):
@@ -234,7 +234,7 @@ def test_tokens_over_mutual_tls(executor, certificates, tokens_file, monkeypatch
             stub = Clients.connect(execution=address).execution
             assert call_code(lambda: stub.GetSandboxInfo(execution_pb2.GetSandboxInfoRequest(), timeout=10)) == code
     finally:
-        server.grpc_server.stop(None).wait()
+        server.stop(0)
 
 
 def test_oversized_messages_are_resource_exhausted(executor, monkeypatch):
@@ -250,4 +250,4 @@ def test_oversized_messages_are_resource_exhausted(executor, monkeypatch):
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert stub.Execute(execution_pb2.ExecuteRequest(program="x = 1\n", tests=["assert x"]), timeout=30).passed
     finally:
-        server.grpc_server.stop(None).wait()
+        server.stop(0)

@@ -118,8 +118,7 @@ def test_bad_requests_are_rejected_with_a_clear_status(training_env, overrides, 
                 stub.GetRun(training_pb2.GetRunRequest(run_id="run-nope"))
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
-        server.run_manager.stop()
-        server.grpc_server.stop(0)
+        server.stop(0)
 
 
 def test_full_fine_tuning_uses_the_paper_defaults(training_env):

@@ -8,7 +8,7 @@ from google.protobuf.message import DecodeError
 
 from ilf import config
 from ilf.errors import InvalidArgument
-from ilf.grpc_util import Server, setup_logging
+from ilf.grpc_util import Server, Service, serve
 from ilf.v1 import execution_pb2, execution_pb2_grpc
 from services.execution.executor import Executor, Outcome, Program, Verdict
 
@@ -49,7 +49,8 @@ def to_response(outcome: Outcome) -> execution_pb2.ExecuteResponse:
         stdout=outcome.stdout, stderr=outcome.stderr, output_truncated=outcome.output_truncated,
         error_type=outcome.error_type, error_message=outcome.error_message,
         tests=[execution_pb2.TestResult(index=t.index, verdict=VERDICTS[t.verdict], error_type=t.error_type,
-                                        error_message=t.error_message, duration_s=t.duration_s)
+                                        error_message=t.error_message, duration_s=t.duration_s,
+                                        actual=t.actual, expected=t.expected)
                for t in outcome.tests])
 
 
@@ -95,28 +96,34 @@ def add_servicer(servicer: ExecutionServicer, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
 
 
-class ExecutionServer(Server):
-    """The gRPC server together with the executor it owns (stopped with it)."""
+class ExecutionService(Service):
+    """The servicer over an executor; closes the executor on stop when it made it."""
+    names = (SERVICE_NAME,)
 
-    def __init__(self, port: int, executor: Executor):
-        super().__init__([SERVICE_NAME], port)
-        self.executor = executor
-        self.add(add_servicer, ExecutionServicer(executor))
-        self.set_serving(True)
+    def __init__(self, executor: Executor | None = None):
+        self.owns_executor = executor is None
+        self.executor = executor or Executor()
 
-    def stop(self, grace: float | None = None) -> None:
-        self.set_serving(False)
-        self.grpc_server.stop(grace).wait()
-        self.executor.close()
+    def add_to(self, grpc_server) -> None:
+        add_servicer(ExecutionServicer(self.executor), grpc_server)
+
+    def load(self) -> str:
+        layers = self.executor.layers
+        active = [layer.name for layer in layers if layer.active]
+        missing = [layer.name for layer in layers if not layer.active]
+        return (f"{self.executor.pool.size} sandboxed workers; isolation {', '.join(active) or 'none'}"
+                + (f"; NOT active: {', '.join(missing)}" if missing else ""))
+
+    def close(self) -> None:
+        if self.owns_executor:
+            self.executor.close()
 
 
-def build_server(port: int, executor: Executor | None = None) -> ExecutionServer:
-    """A ready (not started) server; its sandbox workers are already running."""
-    return ExecutionServer(port, executor or Executor())
+def build_server(port: int | None = None, executor: Executor | None = None) -> Server:
+    """A server, not started; its sandbox workers are already running."""
+    port = config.get("ILF_EXECUTION_PORT") if port is None else port
+    return Server(ExecutionService(executor), port)
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    server = build_server(int(config.get("ILF_EXECUTION_PORT")))
-    server.run_until_signal()
-    server.executor.close()
+    serve(build_server)

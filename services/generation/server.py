@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import logging
-import threading
 
-from ilf import config
-from ilf.grpc_util import Server, setup_logging
+from ilf.grpc_util import Server, Service, serve
 from ilf.registry import Registry
 from ilf.store import open_store
 from ilf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from .backends import Backend, make_backend
+from .config import GenerationConfig
 from .request import Settings, TokenEvent
 from .tgi_http import TgiHttpServer
 
@@ -72,30 +71,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.ModelStatus(**self.backend.status())
 
 
-class GenerationServer(Server):
-    """The gRPC server plus the optional TGI HTTP endpoint, both over one backend."""
+class GenerationService(Service):
+    """The gRPC servicer plus the optional TGI HTTP endpoint, both over one backend."""
+    names = ("ilf.v1.Generation",)
 
-    def __init__(self, port: int, backend: Backend, http_port: int | None):
-        super().__init__(["ilf.v1.Generation"], port)
+    def __init__(self, backend: Backend, http_port: int | None):
         self.backend = backend
-        self.add(generation_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(backend))
         self.http = TgiHttpServer(backend, port=http_port) if http_port is not None else None
-        self.ready = threading.Event()
-        threading.Thread(target=self._start_backend, name="load-model", daemon=True).start()
 
-    def start(self) -> None:
-        super().start()
+    def add_to(self, grpc_server) -> None:
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.backend), grpc_server)
+
+    def load(self) -> str:
         if self.http:
             self.http.start()
-
-    def _start_backend(self) -> None:
-        try:
-            self.backend.start()
-        except Exception:  # noqa: BLE001 - stays NOT_SERVING, and the log says why
-            log.exception("the generation backend failed to start")
-            return
-        self.set_serving(True)
-        self.ready.set()
+        self.backend.start()
+        status = self.backend.status()
+        return f"{status['backend']} backend serving {status['serving_version']}"
 
     def close(self) -> None:
         if self.http:
@@ -103,14 +95,14 @@ class GenerationServer(Server):
         self.backend.close()
 
 
-def build_server(port: int, *, backend: Backend | None = None) -> GenerationServer:
-    """The server, not started; the first model loads in the background and health turns SERVING after it."""
-    http_port = config.get("ILF_GENERATION_HTTP_PORT")
-    return GenerationServer(port, backend or make_backend(Registry(open_store())),
-                            int(http_port) if http_port else None)
+def build_server(port: int | None = None, *, backend: Backend | None = None,
+                 settings: GenerationConfig | None = None) -> Server:
+    """The server, not started; on start the first model loads in the background and health turns SERVING."""
+    settings = settings or GenerationConfig.from_env()
+    log.info("%s", settings.describe())
+    service = GenerationService(backend or make_backend(Registry(open_store())), settings.http_port)
+    return Server(service, settings.port if port is None else port, settings.server)
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    server = build_server(int(config.get("ILF_GENERATION_PORT")))
-    server.run_until_signal(on_stop=server.close)
+    serve(build_server)

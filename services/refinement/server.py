@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
-from ilf import config
 from ilf.errors import Unavailable
-from ilf.grpc_util import Server, channel, setup_logging
+from ilf.grpc_util import Server, Service, channel, serve
 from ilf.registry import Registry
+from ilf.sampling import Sampling
 from ilf.store import open_store
 from ilf.v1 import generation_pb2_grpc, refinement_pb2, refinement_pb2_grpc
+from services.refinement.config import RefinementConfig
 from services.refinement.refiner import Refiner, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -21,12 +21,10 @@ class RefinementServicer(refinement_pb2_grpc.RefinementServicer):
         self.refiner = refiner
 
     def Refine(self, request, context):
-        p = request.params
         refined, prompt, version = self.refiner.refine(
-            TaskSpec(request.task.task_id, request.task.text, tuple(request.task.tests), request.task.code_prefix),
-            request.failing_program, request.feedback, n=p.n, temperature=p.temperature, top_p=p.top_p or 1.0,
-            top_k=p.top_k, max_new_tokens=p.max_new_tokens or 256, repetition_penalty=p.repetition_penalty or 1.0,
-            seed=p.seed if p.HasField("seed") else None)
+            TaskSpec(request.task.task_id, request.task.text, tuple(request.task.tests), request.task.code_prefix,
+                     request.task.task_set),
+            request.failing_program, request.feedback, Sampling.from_proto(request.params))
         return refinement_pb2.RefineResponse(
             refinements=[refinement_pb2.RefinedProgram(program=r.program, completion=r.completion) for r in refined],
             model_version=version, prompt=prompt)
@@ -38,31 +36,36 @@ class RefinementServicer(refinement_pb2_grpc.RefinementServicer):
         return refinement_pb2.RefinementModelStatus(serving_version=self.refiner.version or "")
 
 
-def build_server(port: int) -> Server:
-    """The server, not started; the first model loads in the background and health turns SERVING after it."""
-    generation = generation_pb2_grpc.GenerationStub(channel(config.get("ILF_REFINEMENT_GENERATION_ADDR")
-                                                            or config.get("ILF_GENERATION_ADDR")))
-    refiner = Refiner(Registry(open_store()), generation)
-    server = Server(["ilf.v1.Refinement"], port)
-    server.add(refinement_pb2_grpc.add_RefinementServicer_to_server, RefinementServicer(refiner))
+class RefinementService(Service):
+    names = ("ilf.v1.Refinement",)
 
-    def load_first_model():
+    def __init__(self, settings: RefinementConfig):
+        self.settings = settings
+        generation = generation_pb2_grpc.GenerationStub(channel(settings.generation_addr))
+        self.refiner = Refiner(Registry(open_store()), generation, settings)
+
+    def add_to(self, grpc_server) -> None:
+        refinement_pb2_grpc.add_RefinementServicer_to_server(RefinementServicer(self.refiner), grpc_server)
+
+    def load(self) -> str:
         # The generation service may start after this one: keep asking until it loads the model.
+        version = self.refiner.start_version()
+        log.info("loading pi_Refine %s through the generation service at %s", version, self.settings.generation_addr)
         while True:
             try:
-                refiner.switch(refiner.start_version())
-                break
+                self.refiner.switch(version)
+                return f"pi_Refine {version}"
             except Unavailable as error:
                 log.info("waiting for the generation service: %s", error)
                 time.sleep(2)
-            except Exception:  # noqa: BLE001 - stays NOT_SERVING, and says why
-                log.exception("the first refinement model failed to load")
-                return
-        server.set_serving(True)
-    threading.Thread(target=load_first_model, name="load-model", daemon=True).start()
-    return server
+
+
+def build_server(port: int | None = None, settings: RefinementConfig | None = None) -> Server:
+    """The server, not started; on start the first model loads in the background and health turns SERVING."""
+    settings = settings or RefinementConfig.from_env()
+    log.info("%s", settings.describe())
+    return Server(RefinementService(settings), settings.port if port is None else port, settings.server)
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    build_server(int(config.get("ILF_REFINEMENT_PORT"))).run_until_signal()
+    serve(build_server)

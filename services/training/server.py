@@ -1,13 +1,17 @@
 """gRPC servicer of the training service, a thin layer over RunManager."""
 from __future__ import annotations
 
-from ilf import config
-from ilf.grpc_util import Server, setup_logging
+import logging
+
+from ilf.grpc_util import Server, Service, serve
 from ilf.store import open_store
 from ilf.training_spec import HYPERPARAMETER_FIELDS
 from ilf.v1 import training_pb2, training_pb2_grpc
+from services.training.config import TrainingConfig
 from services.training.launchers import make_launcher
 from services.training.runs import RunManager
+
+log = logging.getLogger(__name__)
 
 
 def to_proto(run: dict) -> training_pb2.Run:
@@ -43,19 +47,31 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         return training_pb2.ListRunsResponse(runs=[to_proto(r) for r in self.runs.list()])
 
 
-def build_server(port: int) -> Server:
-    """The server, not started; run monitoring (including runs left by an earlier process) starts now."""
-    runs = RunManager(open_store(), make_launcher(), max_concurrent=int(config.get("ILF_TRAINING_MAX_CONCURRENT")),
-                      poll_s=float(config.get("ILF_TRAINING_POLL_S")))
-    server = Server(["ilf.v1.Training"], port)
-    server.add(training_pb2_grpc.add_TrainingServicer_to_server, TrainingServicer(runs))
-    server.run_manager = runs
-    runs.start()
-    server.set_serving(True)
-    return server
+class TrainingService(Service):
+    names = ("ilf.v1.Training",)
+
+    def __init__(self, settings: TrainingConfig):
+        self.runs = RunManager(open_store(), make_launcher(settings.launcher), max_concurrent=settings.max_concurrent,
+                               poll_s=settings.poll_s)
+
+    def add_to(self, grpc_server) -> None:
+        training_pb2_grpc.add_TrainingServicer_to_server(TrainingServicer(self.runs), grpc_server)
+
+    def load(self) -> str:
+        self.runs.start()   # runs left by an earlier process are followed again
+        active = [run for run in self.runs.list() if run["state"] in ("QUEUED", "RUNNING")]
+        return f"{len(active)} queued or running run(s) followed"
+
+    def close(self) -> None:
+        self.runs.stop()
+
+
+def build_server(port: int | None = None, settings: TrainingConfig | None = None) -> Server:
+    """The server, not started; on start run monitoring (including runs left by an earlier process) begins."""
+    settings = settings or TrainingConfig.from_env()
+    log.info("%s", settings.describe())
+    return Server(TrainingService(settings), settings.port if port is None else port, settings.server)
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    server = build_server(int(config.get("ILF_TRAINING_PORT")))
-    server.run_until_signal(on_stop=server.run_manager.stop)
+    serve(build_server)

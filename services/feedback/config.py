@@ -1,0 +1,17 @@
+"""The feedback service's settings, parsed once at start-up."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ilf.config import Section, nested, setting
+from ilf.grpc_util import ServerConfig
+
+
+@dataclass(frozen=True)
+class FeedbackConfig(Section):
+    LABEL: ClassVar[str] = "feedback"
+    port: int = setting("ILF_FEEDBACK_PORT")
+    execution_addr: str = setting("ILF_EXECUTION_ADDR")
+    generation_addr: str = setting("ILF_GENERATION_ADDR")
+    server: ServerConfig = nested(ServerConfig)
