@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.metadata
 import json
 import logging
 import signal
@@ -57,6 +58,12 @@ def _apply_paper(args) -> None:
         args.refine_samples = 30
 
 
+def artifact_url(key: str) -> str:
+    """Where an artifact of the store is, as an absolute URL a person can open or pass to another command."""
+    from ilf.store import open_store
+    return f"{open_store().url.rstrip('/')}/{key.lstrip('/')}"
+
+
 def cmd_serve(args) -> None:
     importlib.import_module(f"services.{args.service}.server").main()
 
@@ -68,7 +75,7 @@ def cmd_round(args) -> int:
     _apply_paper(args)
     report = run_round(_round_settings(args), Clients.connect(), open_store())
     print(report["markdown"])
-    print(f"artifacts: {open_store().url}{report['artifacts']}")
+    print(f"artifacts: {artifact_url(report['artifacts'])}")
     return 0
 
 
@@ -86,7 +93,7 @@ def cmd_demo(args) -> int:
         print(f"services up after {time.monotonic() - started:.0f} s: {services.addresses}", flush=True)
         report = run_round(_round_settings(args), Clients.connect(**services.addresses), open_store())
     print(report["markdown"])
-    print(f"artifacts: {open_store().url}/{report['artifacts']}")
+    print(f"artifacts: {artifact_url(report['artifacts'])}")
     print(f"demo wall time: {time.monotonic() - started:.0f} s")
     return 0
 
@@ -105,7 +112,7 @@ def cmd_reproduce(args) -> int:
         clients = Clients.connect(**services.addresses) if services else Clients.connect()
         report = reproduce(_round_settings(args), clients, open_store(), tuple(args.methods))
     print(report["markdown"])
-    print(f"artifacts: {open_store().url}/{report['artifacts']}")
+    print(f"artifacts: {artifact_url(report['artifacts'])}")
     return 0
 
 
@@ -138,10 +145,17 @@ def cmd_up(args) -> int:
 def cmd_models(args) -> int:
     from ilf.registry import Registry
     from ilf.store import open_store
-    registry = Registry(open_store())
+    store = open_store()
+    registry = Registry(store)
+    if args.action == "show" and not args.version:
+        raise UsageError("ilf models show needs a VERSION (see `ilf models list`)")
     if args.action == "list":
         serving = {ch: registry.serving_version(ch) for ch in ("generation", "refinement")}
-        for version in registry.list():
+        versions = registry.list()
+        if not versions:
+            print(f"no model versions in {store.url} yet: a generation or refinement service registers the base "
+                  "model when it first starts")
+        for version in versions:
             marks = [ch for ch, v in serving.items() if v == version.version]
             print(f"{version.version:48s} {version.kind:5s} base={version.base_version or version.source:40s} "
                   f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(version.created_at))}"
@@ -149,7 +163,10 @@ def cmd_models(args) -> int:
     elif args.action == "show":
         print(json.dumps(dataclasses.asdict(registry.get(args.version)), indent=2))
     elif args.action == "history":
-        for event in registry.events(args.channel):
+        events = registry.events(args.channel)
+        if not events:
+            print(f"the {args.channel} channel has never been switched in {store.url}")
+        for event in events:
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(event['updated_at']))} {event['version']} "
                   f"by {event['by']} {event.get('reason', '')}")
     return 0
@@ -168,9 +185,59 @@ def cmd_promote(args) -> int:
     return 0
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except on on/off flags (whose default is the flag's absence)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class UsageError(Exception):
+    """A command was called wrongly; the message says how to call it."""
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("ilf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def cmd_config(args) -> int:
+    from ilf import config
+    print(config.markdown_table() if args.defaults else config.effective_table())
+    return 0
+
+
+def cmd_reports(args) -> int:
+    """Every report in the store (rounds, comparisons), newest last, as absolute URLs."""
+    from ilf.store import open_store
+    store = open_store()
+    keys = sorted(k for k in store.list("reports/") if k.endswith((".md", ".json", ".png")))
+    if not keys:
+        print(f"no reports in {store.url} yet: `ilf round`, `ilf demo` and `ilf reproduce` write them")
+    for key in keys:
+        print(artifact_url(key))
+    return 0
+
+
+def one_line(error: BaseException) -> str:
+    """What went wrong and what to do, in one line, for errors a user can cause."""
+    import grpc
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return (f"a service is unreachable ({error.details()}): start it (`ilf up`, or `ilf serve NAME`) or point "
+                    "ILF_<SERVICE>_ADDR at it")
+        return f"the service answered {error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="ilf", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ilf {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one service in this process")
     serve.add_argument("service", choices=SERVICE_NAMES)
@@ -207,12 +274,26 @@ def main(argv: list[str] | None = None) -> int:
     promote.set_defaults(func=cmd_promote)
     rollback = sub.add_parser("rollback", help="switch the generation service back to its previous version")
     rollback.set_defaults(func=cmd_promote, version="")
-    sub.add_parser("config", help="print the configuration reference").set_defaults(
-        func=lambda _: print(config.markdown_table()) or 0)
+    settings = sub.add_parser("config", help="every setting with the value in effect and where it came from")
+    settings.add_argument("--defaults", action="store_true", help="the reference: kinds, defaults and meanings")
+    settings.set_defaults(func=cmd_config)
+    sub.add_parser("reports", help="every report in the store, as absolute URLs").set_defaults(func=cmd_reports)
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C does, so services started by `up`, `demo` or `reproduce --local` stop too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    return args.func(args) or 0
+    import grpc
+
+    from ilf.config import ConfigError
+    from ilf.errors import IlfError
+    from loop.evaluation import RoundFailed
+    try:
+        return args.func(args) or 0
+    except (UsageError, ConfigError, IlfError, RoundFailed, grpc.RpcError, OSError, TimeoutError, ValueError,
+            RuntimeError) as error:
+        print(f"ilf {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, (UsageError, ConfigError)) else 1
 
 
 if __name__ == "__main__":

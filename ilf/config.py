@@ -259,6 +259,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "matmul is faster, measured at start-up; else float32), float32, bfloat16 or float16.",
             choice("auto", "float32", "bfloat16", "float16")),
     Setting("ILF_TORCH_THREADS", "0", "torch intra-op threads; 0 keeps torch's default.", integer(0)),
+    Setting("ILF_PROMOTE_MARGIN", "0", "A round switches serving to its candidate only if pass@1 dropped by at most "
+            "this much (0: any drop refuses it); `--promote-margin` overrides it.", number()),
+    Setting("ILF_RETRAIN_ARGS", "", "Flags `ilf retrain` reads before its own command line, for running it as a "
+            "service (compose, Kubernetes), e.g. `--task-set ts-... --min-new-feedback 20`."),
 ]}
 
 
@@ -319,10 +323,15 @@ def markdown_table() -> str:
 
 def effective_table() -> str:
     """Every setting with the value in effect now and where it came from (for `ilf config`)."""
-    rows = ["| variable | value | from |", "|---|---|---|"]
+    rows = ["| variable | value | from | check |", "|---|---|---|---|"]
     for s in SETTINGS.values():
         value = s.raw()
+        try:
+            s.value()
+            check = "ok"
+        except ConfigError as error:
+            check = f"**invalid**: {str(error).split(': ', 1)[1]}"
         if value and s.name.endswith(("SECRET_KEY", "ACCESS_KEY", "TOKEN")):
             value = "***"
-        rows.append(f"| `{s.name}` | `{value}` | {'environment' if s.name in os.environ else 'default'} |")
+        rows.append(f"| `{s.name}` | `{value}` | {'environment' if s.name in os.environ else 'default'} | {check} |")
     return "\n".join(rows)

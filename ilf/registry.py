@@ -18,7 +18,7 @@ from ilf.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFo
 from ilf.store import ArtifactStore
 
 KINDS = ("base", "lora", "full")
-_VERSION_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_VERSION_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ModelVersion:
 
 
 def validate_version_id(version: str) -> str:
-    if not _VERSION_ID.match(version or ""):
+    if not _VERSION_ID.fullmatch(version or ""):
         raise InvalidArgument(f"model version {version!r} is not a valid id (lowercase letters, digits, . _ -)")
     return version
 
