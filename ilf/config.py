@@ -222,6 +222,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_EXECUTION_MAX_PROGRAM_BYTES", "100000", "Largest program, test setup or test (UTF-8 bytes).", integer(1)),
     Setting("ILF_EXECUTION_MAX_TESTS", "100", "Most tests per program.", integer(1)),
     Setting("ILF_EXECUTION_MAX_BATCH", "2000", "Most programs per ExecuteBatch call.", integer(1)),
+    Setting("ILF_EXECUTION_BATCH_MEMORY_MB", "512", "Memory one ExecuteBatch call may hold in results not yet streamed: it bounds how many of its programs are queued at once.", integer(16)),
     Setting("ILF_EXECUTION_SCRATCH_MB", "16", "Size of each sandbox's private /tmp (tmpfs).", integer(1)),
     Setting("ILF_EXECUTION_MAX_PROCESSES", "32", "Processes and threads a program may have (RLIMIT_NPROC, pids cgroup).", integer(1)),
     Setting("ILF_EXECUTION_MAX_OPEN_FILES", "64", "Open files per program (RLIMIT_NOFILE).", integer(4)),

@@ -10,7 +10,7 @@ import pytest
 from ilf.errors import InvalidArgument
 from ilf.grpc_util import channel
 from ilf.v1 import execution_pb2, execution_pb2_grpc
-from services.execution.checks import approx_equal, names_bound_by, plan_test
+from services.execution.checks import Hole, Meter, approx_equal, names_bound_by, plan_test
 from services.execution.executor import Executor, Program, Settings, Verdict
 from services.execution.pool import WorkerFailed
 from services.execution.server import build_server
@@ -69,36 +69,41 @@ def test_memory_limit(executor):
     assert outcome.tests[0].error_type == "MemoryError"
 
 
-def test_floats_compare_approximately():
+def test_floats_compare_approximately_only_where_the_expected_value_is_a_float():
     assert approx_equal(0.1 + 0.2, 0.3)
     assert approx_equal([1.0, (2.0000000001, "a")], [1, (2.0, "a")])
     assert not approx_equal(1.001, 1.0)
     assert not approx_equal([1, 2], (1, 2))
     assert approx_equal({"a": 0.30000000000000004}, {"a": 0.3})
+    # An exact expected value is compared exactly, in both directions of the error.
+    assert not approx_equal(float(10**17 + 1), 10**17 + 1) and not approx_equal(3.000001, 3)
+    assert not approx_equal(2.999999, 3) and approx_equal(3.0, 3)
+    assert approx_equal(3.000001, 3.0) and approx_equal(2.999999, 3.0) and not approx_equal(3.00001, 3.0)
+    assert not approx_equal([0.3, 2.0000001], [0.3, 2]) and approx_equal([0.3, 2.0000001], [0.3, 2.0])
 
 
 def test_plan_keeps_expected_values_out_of_the_sandbox():
     plan = plan_test("assert sorted(f(x, [1, 2])) == sorted([3, 4])", lambda: names_bound_by("def f(a, b): pass"))
-    assert plan.holes == ("f(x, [1, 2])",)
-    assert plan.verdict([[4, 3]]) and not plan.verdict([[4, 4]])
+    assert plan.holes == (Hole("f(x, [1, 2])", "iterate"),)
+    assert plan.verdict([[4, 3]], Meter()) and not plan.verdict([[4, 4]], Meter())
     shadowed = plan_test("assert set(f(1)) == {1}", lambda: names_bound_by("def set(x): return x"))
-    assert shadowed.holes == ("set(f(1))",)
+    assert shadowed.holes == (Hole("set(f(1))"),)
 
 
 def test_plans_are_shared_by_programs_that_bind_the_same_test_names():
     test = "assert sorted(f(1)) == [1]"
     first = plan_test(test, lambda: names_bound_by("def f(x):\n    y = x\n    return [y]"))
-    other_locals = plan_test(test, lambda: names_bound_by("def f(z):\n    return [z]"))
-    assert other_locals is first and first.holes == ("f(1)",)  # the cached plan
+    other_locals = plan_test(test, lambda: names_bound_by("def f(z):\n    sorted = z\n    return [z]"))
+    assert other_locals is first and first.holes == (Hole("f(1)", "iterate"),)  # the cached plan
     rebinds_sorted = plan_test(test, lambda: names_bound_by("def f(x): return [x]\nsorted = list"))
-    assert rebinds_sorted.holes == ("sorted(f(1))",)
+    assert rebinds_sorted.holes == (Hole("sorted(f(1))"),)
     # A test that calls no builtin the service would apply itself never needs the program's names.
-    assert plan_test("assert f(1) == [1]", lambda: pytest.fail("the program was parsed")).holes == ("f(1)",)
+    assert plan_test("assert f(1) == [1]", lambda: pytest.fail("the program was parsed")).holes == (Hole("f(1)"),)
 
 
 def test_holes_keep_their_exact_source_across_lines_and_non_ascii_text():
     plan = plan_test("assert f('é', [1,\n        2]) == g(\n  3)", lambda: names_bound_by("def f(*a): pass\ndef g(x): pass"))
-    assert plan.holes == ("f('é', [1,\n        2])", "g(\n  3)")
+    assert [hole.source for hole in plan.holes] == ["f('é', [1,\n        2])", "g(\n  3)"]
 
 
 @pytest.mark.parametrize("program, tests, limit", [

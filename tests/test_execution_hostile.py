@@ -275,7 +275,7 @@ HOSTILE = {
         """, "assert double(2) == 4", {FAILED, ERROR}),
     "patch_the_harness": ("""
         import __main__, sys
-        __main__.encode = lambda value, budget: ['B', True]
+        __main__.encode = lambda value, budget, depth=0: ['T']
         for frame_module in list(sys.modules.values()):
             if hasattr(frame_module, 'encode'):
                 frame_module.encode = __main__.encode

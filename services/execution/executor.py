@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import queue
+import threading
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,8 +16,10 @@ from typing import Iterable, Iterator
 
 from ilf import config
 from ilf.errors import InvalidArgument
-from services.execution.checks import NotATest, TestPlan, decode, names_bound_by, plan_test
-from services.execution.isolation import Isolation, Layer, Limits
+from services.execution.checks import (
+    MAX_RESULT_ITEMS, EvaluationLimit, HoleError, Meter, NotATest, ResultTooLarge, TestPlan, Unsupported,
+    decode_hole, names_bound_by, plan_test)
+from services.execution.isolation import MAX_RESULT_BYTES, Isolation, Layer, Limits
 from services.execution.pool import WorkerFailed, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class TestOutcome:
     error_type: str = ""
     error_message: str = ""
     duration_s: float = 0.0
+    actual: str = ""           # FAILED comparisons: repr of the program's value, and of what it was compared with
+    expected: str = ""
 
 
 @dataclass
@@ -76,6 +82,7 @@ class Settings:
     max_file_mb: int
     max_output_bytes: int
     require_sandbox: bool
+    batch_memory_mb: int
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -89,7 +96,14 @@ class Settings:
             max_batch=number("MAX_BATCH"), scratch_mb=number("SCRATCH_MB"),
             max_processes=number("MAX_PROCESSES"), max_open_files=number("MAX_OPEN_FILES"),
             max_file_mb=number("MAX_FILE_MB"), max_output_bytes=number("MAX_OUTPUT_BYTES"),
-            require_sandbox=config.enabled("ILF_EXECUTION_REQUIRE_SANDBOX"))
+            require_sandbox=config.get("ILF_EXECUTION_REQUIRE_SANDBOX"), batch_memory_mb=number("BATCH_MEMORY_MB"))
+
+    @property
+    def batch_window(self) -> int:
+        """Programs of one batch queued or finished but not yet streamed at once: the most that fits
+        ILF_EXECUTION_BATCH_MEMORY_MB when each fills its result channel and both output captures."""
+        per_program = MAX_RESULT_BYTES + 2 * self.max_output_bytes + self.max_tests * 4096
+        return max(1, (self.batch_memory_mb << 20) // per_program)
 
 
 # The smallest memory limit a Python interpreter can run under at all.
@@ -143,7 +157,7 @@ class Executor:
         if len(programs) > self.settings.max_batch:
             raise InvalidArgument(f"a batch holds at most {self.settings.max_batch} programs "
                                   f"(ILF_EXECUTION_MAX_BATCH), got {len(programs)}")
-        batch = Batch(self.pool)
+        batch = Batch(self.pool, self.settings.batch_window)
         try:
             for program in programs:
                 batch.add(self._prepare(program))
@@ -175,104 +189,187 @@ class Executor:
                                   f"(ILF_EXECUTION_MAX_MEMORY_MB; 0 means the default "
                                   f"{settings.default_memory_mb}), got {request.memory_mb}")
         # The program is parsed only if one of its tests needs its names, and then once.
-        untrusted = functools.cache(lambda: names_bound_by(program, setup))
+        bindings = functools.cache(lambda: names_bound_by(program, setup))
         plans = []
         for index, test in enumerate(tests):
             test = _text(test, f"tests[{index}]", settings.max_program_bytes)
             try:
-                plans.append(plan_test(test, untrusted))
+                plans.append(plan_test(test, bindings, has_setup=bool(setup.strip())))
             except NotATest as error:
                 raise InvalidArgument(f"tests[{index}]: {error}") from None
-        message = {"program": program, "setup": setup, "holes": [list(p.holes) for p in plans],
+        message = {"program": program, "setup": setup, "holes": [[[h.source, h.mode] for h in p.holes] for p in plans],
                    "timeout_s": timeout_s, "memory_mb": memory_mb}
         return _Job(request, plans, timeout_s, message)
 
 
 class Batch:
     """Queued programs of one ExecuteBatch call. Iterating yields the outcomes as they finish, each
-    time all those finished since the last yield (not in request order); cancel() drops the ones
-    that have not started, from any thread (a client that went away)."""
+    time those finished since the last yield (not in request order, at most MAX_CHUNK_BYTES of output
+    each); cancel() drops the ones that have not started, from any thread (a client that went away).
 
-    def __init__(self, pool: WorkerPool):
-        self.pool = pool
-        self.jobs: dict[Future, _Job] = {}
+    At most `window` programs are in the pool or finished and not yet taken at once: the rest wait here,
+    as small validated jobs, so a client that reads slowly holds at most `window` replies in memory, and
+    every outcome is released once it has been handed out."""
+
+    def __init__(self, pool: WorkerPool, window: int):
+        self.pool, self.window = pool, window
+        self.lock = threading.Lock()
+        self.waiting: deque[_Job] = deque()
+        self.submitted: dict[Future, _Job] = {}
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
+        self.total = 0
+        self.cancelled = False
 
     def add(self, job: _Job) -> None:
+        with self.lock:
+            self.total += 1
+            if len(self.submitted) < self.window:
+                self._submit(job)
+            else:
+                self.waiting.append(job)
+
+    def _submit(self, job: _Job) -> None:
         future = self.pool.submit(job.message)
-        self.jobs[future] = job
+        self.submitted[future] = job
         future.add_done_callback(self.finished.put)
 
     def cancel(self) -> None:
-        for future in self.jobs:
+        with self.lock:
+            self.cancelled = True
+            self.waiting.clear()
+            submitted = list(self.submitted)
+        for future in submitted:
             future.cancel()
 
     def __iter__(self) -> Iterator[list[Outcome]]:
         try:
-            remaining = len(self.jobs)
+            remaining = self.total
             while remaining:
-                chunk = [self.finished.get()]
-                while len(chunk) < remaining and not self.finished.empty():
-                    chunk.append(self.finished.get())
-                remaining -= len(chunk)
-                if any(future.cancelled() for future in chunk):
+                taken = [self.finished.get()]
+                while len(taken) < remaining and not self.finished.empty():
+                    taken.append(self.finished.get())
+                remaining -= len(taken)
+                if any(future.cancelled() for future in taken):
                     return
-                yield [_outcome(self.jobs[future], future) for future in chunk]
+                with self.lock:
+                    jobs = [self.submitted.pop(future) for future in taken]
+                    while self.waiting and len(self.submitted) < self.window and not self.cancelled:
+                        self._submit(self.waiting.popleft())
+                outcomes = [_outcome(job, future) for job, future in zip(jobs, taken)]
+                del jobs, taken  # the replies go with their futures: only the outcomes are left to send
+                yield from _chunks(outcomes)
         finally:
             self.cancel()  # the caller stopped early: drop what has not started
 
 
+# One streamed message's worth of outcomes (the gRPC message limit is far above it).
+MAX_CHUNK_BYTES = 8 << 20
+
+
+def _chunks(outcomes: list[Outcome]) -> Iterator[list[Outcome]]:
+    chunk, size = [], 0
+    for outcome in outcomes:
+        weight = len(outcome.stdout) + len(outcome.stderr) + sum(
+            len(t.error_type) + len(t.error_message) + 64 for t in outcome.tests)
+        if chunk and size + weight > MAX_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(outcome)
+        size += weight
+    if chunk:
+        yield chunk
+
+
 def _outcome(job: _Job, future: Future) -> Outcome:
-    """The outcome of a finished job; a sandbox that failed makes every test an error."""
+    """The outcome of a finished job; a sandbox that failed (or answered garbage) makes every test an error."""
     request_id = job.program.request_id
     try:
         reply = future.result()
     except WorkerFailed as error:
-        tests = [TestOutcome(i, Verdict.ERROR, "SandboxFailure", str(error)) for i in range(len(job.plans))]
-        return Outcome(request_id, False, tests, 0.0, error_type="SandboxFailure", error_message=str(error))
-    return decide(job.plans, reply, request_id)
+        return _sandbox_failure(job.plans, request_id, str(error))
+    try:
+        return decide(job.plans, reply, request_id)
+    except Exception:  # noqa: BLE001 - a bug here must cost this program its verdicts, never the batch
+        log.exception("cannot decide the verdicts of %s", request_id or "a program")
+        return _sandbox_failure(job.plans, request_id, "the service could not read this program's results")
+
+
+def _sandbox_failure(plans: list[TestPlan], request_id: str, message: str) -> Outcome:
+    tests = [TestOutcome(i, Verdict.ERROR, "SandboxFailure", message) for i in range(len(plans))]
+    return Outcome(request_id, False, tests, 0.0, error_type="SandboxFailure", error_message=message)
+
+
+# What a worker's reply holds, by exact type.
+_REPLY_FIELDS = {"results": (str,), "arrivals": (list,), "results_truncated": (bool,), "timed_out": (bool,),
+                 "signal": (int,), "exit_code": (int,), "duration_s": (int, float), "stdout": (str,),
+                 "stderr": (str,), "output_truncated": (bool,)}
 
 
 def decide(plans: list[TestPlan], reply: dict, request_id: str = "") -> Outcome:
-    """Verdicts from a worker's reply. Only values cross the sandbox boundary; the comparisons
-    with the expected values happen here, so nothing the program does can forge a pass."""
+    """Verdicts from a worker's reply. Only values cross the sandbox boundary; the comparisons with the
+    expected values happen here, so nothing the program does can forge a pass. Everything in the reply is
+    treated as hostile: anything malformed makes this program's tests errors, and nothing else."""
+    if type(reply) is not dict or any(type(reply.get(k)) not in kinds for k, kinds in _REPLY_FIELDS.items()):
+        return _sandbox_failure(plans, request_id, "the sandbox sent a malformed reply")
     outcomes: dict[int, TestOutcome] = {}
     load_error: list[str] | None = None
     previous = 0.0
-    lines = reply["results"].split("\n")
-    for line, arrived in zip(lines, reply["arrivals"]):
+    meter, budget = Meter(), [MAX_RESULT_ITEMS]
+    for line, arrived in zip(reply["results"][:MAX_RESULT_BYTES].split("\n"), reply["arrivals"]):
         try:
             message = json.loads(line)
+            if type(message) is not dict or type(arrived) not in (int, float):
+                raise ValueError("not a result")
             if "load_error" in message or "setup_error" in message:
-                load_error = [str(part)[:2000] for part in message.get("load_error") or message["setup_error"]][:2]
+                parts = message.get("load_error") or message.get("setup_error")
+                if type(parts) is not list or len(parts) != 2 or not all(type(p) is str for p in parts):
+                    raise ValueError("not an error")
+                load_error = [part[:2000] for part in parts]
                 break
-            index = message["test"]
-            if type(index) is not int or not 0 <= index < len(plans) or index in outcomes:
+            index, values = message.get("test"), message.get("values")
+            if type(index) is not int or not 0 <= index < len(plans) or index in outcomes or type(values) is not list:
                 raise ValueError("unexpected test index")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError):
             break  # the program wrote into the result channel: nothing after this point is believed
         duration, previous = max(arrived - previous, 0.0), arrived
-        outcomes[index] = _judge(plans[index], message, index, duration)
+        outcomes[index] = _judge(plans[index], values, index, duration, meter, budget)
     missing_reason = _missing_reason(reply, load_error)
-    tests = [outcomes.get(i) or TestOutcome(i, *missing_reason) for i in range(len(plans))]
+    tests = [_refused(plan, i) or outcomes.get(i) or TestOutcome(i, *missing_reason) for i, plan in enumerate(plans)]
     return Outcome(
         request_id=request_id, passed=all(t.verdict is Verdict.PASSED for t in tests), tests=tests,
-        duration_s=reply["duration_s"], stdout=reply["stdout"], stderr=reply["stderr"],
+        duration_s=float(reply["duration_s"]), stdout=reply["stdout"], stderr=reply["stderr"],
         output_truncated=reply["output_truncated"],
         error_type=load_error[0] if load_error else "", error_message=load_error[1] if load_error else "")
 
 
-def _judge(plan: TestPlan, message: dict, index: int, duration: float) -> TestOutcome:
-    if "error" in message:
-        error_type, error_message = (str(part)[:2000] for part in message["error"][:2])
-        return TestOutcome(index, Verdict.ERROR, error_type, error_message, duration)
+def _refused(plan: TestPlan, index: int) -> TestOutcome | None:
+    if plan.refusal:
+        return TestOutcome(index, Verdict.ERROR, "UnsupportedTest",
+                           f"the service cannot evaluate this test outside the sandbox: {plan.refusal}")
+    return None
+
+
+def _judge(plan: TestPlan, values: list, index: int, duration: float, meter: Meter, budget: list[int]) -> TestOutcome:
+    def error(error_type: str, message: str) -> TestOutcome:
+        return TestOutcome(index, Verdict.ERROR, error_type, message[:2000], duration)
+    if len(values) != len(plan.holes):
+        return error("MalformedResult", "the sandbox reported the wrong number of values")
     try:
-        values = [decode(value) for value in message["values"]]
-        if len(values) != len(plan.holes):
-            raise ValueError("wrong number of values")
-        passed = plan.verdict(values)
-    except Exception as error:  # noqa: BLE001 - a forged or odd value is this test's error
-        return TestOutcome(index, Verdict.ERROR, type(error).__name__, str(error)[:2000], duration)
+        decoded = [decode_hole(value, meter, budget) for value in values]
+    except ResultTooLarge as too_large:
+        return error("ResultTooLarge", str(too_large))
+    except ValueError as malformed:  # a forged or odd value is this test's error
+        return error("MalformedResult", str(malformed))
+    try:
+        passed = plan.verdict(decoded, meter)
+    except HoleError as raised:  # the program's code raised where the test needed its value
+        return error(raised.error_type, str(raised))
+    except Unsupported as refusal:
+        return error("UnsupportedTest", f"the service cannot evaluate this test outside the sandbox: {refusal}")
+    except EvaluationLimit as limit:
+        return error("EvaluationLimit", str(limit))
+    except Exception as raised:  # noqa: BLE001 - the test itself raised (a TypeError comparing, say)
+        return error(type(raised).__name__, str(raised))
     if passed:
         return TestOutcome(index, Verdict.PASSED, duration_s=duration)
     return TestOutcome(index, Verdict.FAILED, "AssertionError", "", duration)

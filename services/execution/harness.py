@@ -30,6 +30,8 @@ PRELOADED_MODULES = ("re", "math", "heapq", "itertools", "functools", "bisect", 
                      "array", "cmath", "typing")
 # Compared like dict (Counter({"a": 1}) == {"a": 1} in Python too).
 DICT_TYPES = (dict, collections.Counter, collections.OrderedDict, collections.defaultdict)
+PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
+COLLECTION_TAGS = {list: "l", tuple: "t", set: "S", frozenset: "Z"}
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once: every child calls prctl
 
 
@@ -61,18 +63,24 @@ def write_frame(stream, message):
     stream.flush()
 
 
-def encode(value, budget):
-    """Tagged JSON form of a builtin data value; exact types only, so subclasses with a rigged
-    __eq__ (or anything else the service could not compare safely) are refused."""
+def encode(value, budget, depth=0):
+    """Tagged JSON form of a plain data value; exact types only, so subclasses with a rigged __eq__ (or anything
+    else the service could not compare safely) are refused. Counter, OrderedDict and defaultdict become the
+    dict they compare like; `budget` counts down the items all of one program's results may hold."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise OverflowError("result too large to report")
+        raise OverflowError("result too large to report: more than %d items (or 64-character pieces of text) "
+                            "in all" % budget[1])
+    if depth > budget[2]:
+        raise OverflowError("result too large to report: nested deeper than %d" % budget[2])
     kind = type(value)
     if value is None:
         return ["n"]
     if kind is bool:
-        return ["B", value]
+        return ["T"] if value else ["F"]
     if kind is int:
+        if value.bit_length() > budget[3]:
+            raise OverflowError("result too large to report: an integer of more than %d bits" % budget[3])
         return ["i", format(value, "x")]
     if kind is float:
         return ["f", value.hex()]
@@ -84,16 +92,28 @@ def encode(value, budget):
     if kind is bytes:
         budget[0] -= len(value) // 32
         return ["b", value.hex()]
-    if kind in (list, tuple, set, frozenset):
-        tag = {list: "l", tuple: "t", set: "S", frozenset: "F"}[kind]
-        return [tag, [encode(item, budget) for item in list(value)]]
+    if kind in COLLECTION_TAGS:
+        return [COLLECTION_TAGS[kind], [encode(item, budget, depth + 1) for item in list(value)]]
     if kind in DICT_TYPES:
-        return ["d", [[encode(k, budget), encode(v, budget)] for k, v in list(value.items())]]
-    if kind is range:
-        return ["r", value.start, value.stop, value.step]
-    raise TypeError(f"a {kind.__name__} object cannot be compared by the harness "
-                    "(only builtin data types: None, bool, int, float, complex, str, bytes, "
-                    "list, tuple, set, frozenset, range, dict and its collections subclasses)")
+        return ["d", [[encode(k, budget, depth + 1), encode(v, budget, depth + 1)] for k, v in list(value.items())]]
+    raise TypeError(f"a {kind.__name__} object is not plain data the service can compare (only None, bool, "
+                    "int, float, complex, str, bytes, list, tuple, set, frozenset and dict, exact types; a lazy "
+                    "value only where the test consumes it, as in all(), sorted() or a comprehension)")
+
+
+def hole_value(value, mode, budget):
+    """A hole's value as reported. Where the test consumes it (mode 'iterate', 'all' or 'any'), a lazy value (a
+    generator, range, map, view, ...) is consumed here into the list of its items, for all()/any() only up to
+    the item that decides, as they would stop there."""
+    kind = type(value)
+    if mode == "value" or kind in PLAIN_TYPES or kind in DICT_TYPES:
+        return encode(value, budget)
+    items = []
+    for item in value:
+        items.append(encode(item, budget, 1))
+        if (mode == "all" and not item) or (mode == "any" and item):
+            break
+    return ["l", items]
 
 
 def describe(error):
@@ -145,7 +165,7 @@ def run_child(job, config):
         os._exit(70)
     # Compiled before the program runs, so the program cannot swap the test code.
     try:
-        holes = [[compile(source, f"<test {index}>", "eval") for source in test]
+        holes = [[(compile(source, f"<test {index}>", "eval"), mode) for source, mode in test]
                  for index, test in enumerate(job["holes"])]
     except SyntaxError as error:
         report({"load_error": describe(error)})
@@ -157,14 +177,18 @@ def run_child(job, config):
         except BaseException as error:  # noqa: BLE001 - SystemExit included: it is a load failure
             report({"load_error": describe(error)})
             os._exit(0)
+    # [items left, items in all, deepest nesting, largest integer in bits]: shared by all the tests.
+    budget = [config["max_result_items"], config["max_result_items"], config["max_result_depth"],
+              config["max_int_bits"]]
     for index, expressions in enumerate(holes):
-        budget = [config["max_result_items"]]
-        try:
-            values = [encode(eval(code, namespace), budget) for code in expressions]
-            message = {"test": index, "values": values}
-        except BaseException as error:  # noqa: BLE001
-            message = {"test": index, "error": describe(error)}
-        report(message)
+        values = []
+        for code, mode in expressions:
+            # Each hole on its own: the service raises a hole's error only where the test uses its value.
+            try:
+                values.append(hole_value(eval(code, namespace), mode, budget))
+            except BaseException as error:  # noqa: BLE001
+                values.append(["E", *describe(error)])
+        report({"test": index, "values": values})
     os._exit(0)
 
 

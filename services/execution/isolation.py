@@ -14,12 +14,16 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.execution.checks import MAX_INT_BITS, MAX_RESULT_DEPTH, MAX_RESULT_ITEMS
+
 log = logging.getLogger(__name__)
 
 HARNESS = Path(__file__).with_name("harness.py")
 NOBODY = 65534
 # The only environment a sandbox ever sees.
 SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+# What one program's result channel may carry (the rest is dropped and the program gets ResultTooLarge).
+MAX_RESULT_BYTES = 8 << 20
 # The sandbox's own copy of the harness must not inherit the service's site-packages or env.
 PYTHON_FLAGS = ["-I", "-S", "-B", "-X", "utf8"]
 
@@ -136,8 +140,10 @@ class Isolation:
             "max_open_files": limits.max_open_files,
             "max_file_bytes": limits.max_file_mb << 20,
             "max_output_bytes": limits.max_output_bytes,
-            "max_result_bytes": 8 << 20,
-            "max_result_items": 1_000_000,
+            "max_result_bytes": MAX_RESULT_BYTES,
+            "max_result_items": MAX_RESULT_ITEMS,
+            "max_result_depth": MAX_RESULT_DEPTH,
+            "max_int_bits": MAX_INT_BITS,
         }
 
 
