@@ -1,6 +1,7 @@
 """The paper's prompt formats, as the authors' code builds them, and completion post-processing."""
 from __future__ import annotations
 
+import ast
 import re
 import string
 
@@ -43,6 +44,17 @@ def code_prefix(gold_program: str, function_name: str) -> str:
     return split_gold(gold_program, function_name)[0]
 
 
+def signature_from_tests(function_name: str, tests: list[str] | tuple[str, ...]) -> str:
+    """A `def` line for a task with only an entry point: the parameters of the first call the tests make
+    (positional ones named a, b, c, ...; keyword ones by their keyword)."""
+    for test in tests:
+        for node in ast.walk(ast.parse(test)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function_name:
+                positional = [chr(ord("a") + i) if i < 26 else f"x{i}" for i in range(len(node.args))]
+                return f"def {function_name}({', '.join(positional + [k.arg for k in node.keywords if k.arg])}):"
+    raise ValueError(f"no test calls {function_name}()")
+
+
 def example_line(first_test: str) -> str:
     """The first assert shown as an example: `assert ` removed and `==` shown as `=`."""
     example = first_test.lstrip()
@@ -80,16 +92,22 @@ def truncate_completion(completion: str) -> str:
 STOP_SEQUENCES = [f"\n{c}" for c in string.ascii_letters + "#'\""] + [END_OF_TEXT]
 
 
+def task_prompt(task, *, strip: bool = True) -> str:
+    """Generation prompt of a task of any task set (ilf.tasksets.Task): it ends with the task's code prefix."""
+    return generation_prompt(task.text, task.tests, task.code_prefix, strip=strip)
+
+
 def mbpp_prompt(task, *, strip: bool = True) -> str:
-    """Generation prompt of an MBPP task (ilf.data.MBPPTask), its code prefix taken from the gold program."""
+    """Generation prompt of an MBPP row (ilf.data.MBPPTask), its code prefix taken from the gold program."""
     prefix = code_prefix(task.code, entry_point(task.tests, task.code))
     return generation_prompt(task.text, task.tests, prefix, strip=strip)
 
 
-def gold_program(task) -> str:
-    """The gold solution written after the task's full (unstripped) generation prompt."""
-    body = split_gold(task.code, entry_point(task.tests, task.code))[1]
-    return mbpp_prompt(task, strip=False) + body
+def reference_program(task) -> str:
+    """The task's reference solution (MBPP: the gold program) written after its full (unstripped) prompt:
+    its lines after the entry point's `def` line follow the prompt."""
+    body = split_gold(task.reference, task.entry_point or entry_point(task.tests, task.reference))[1]
+    return task_prompt(task, strip=False) + body
 
 
 def completion_after(program: str, prompt: str) -> str:

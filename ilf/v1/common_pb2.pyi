@@ -53,15 +53,17 @@ class Completion(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "text", "tests", "test_setup_code", "code_prefix")
+    __slots__ = ("task_id", "text", "tests", "test_setup_code", "code_prefix", "task_set")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TESTS_FIELD_NUMBER: _ClassVar[int]
     TEST_SETUP_CODE_FIELD_NUMBER: _ClassVar[int]
     CODE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TASK_SET_FIELD_NUMBER: _ClassVar[int]
     task_id: int
     text: str
     tests: _containers.RepeatedScalarFieldContainer[str]
     test_setup_code: str
     code_prefix: str
-    def __init__(self, task_id: _Optional[int] = ..., text: _Optional[str] = ..., tests: _Optional[_Iterable[str]] = ..., test_setup_code: _Optional[str] = ..., code_prefix: _Optional[str] = ...) -> None: ...
+    task_set: str
+    def __init__(self, task_id: _Optional[int] = ..., text: _Optional[str] = ..., tests: _Optional[_Iterable[str]] = ..., test_setup_code: _Optional[str] = ..., code_prefix: _Optional[str] = ..., task_set: _Optional[str] = ...) -> None: ...

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ilf/v1/execution.proto\x12\x06ilf.v1\"\x83\x01\n\x0e\x45xecuteRequest\x12\x0f\n\x07program\x18\x01 \x01(\t\x12\x17\n\x0ftest_setup_code\x18\x02 \x01(\t\x12\r\n\x05tests\x18\x03 \x03(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x11\n\tmemory_mb\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"?\n\x13\x45xecuteBatchRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.ilf.v1.ExecuteRequest\"|\n\nTestResult\x12\r\n\x05index\x18\x01 \x01(\r\x12 \n\x07verdict\x18\x02 \x01(\x0e\x32\x0f.ilf.v1.Verdict\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x12\n\nduration_s\x18\x05 \x01(\x01\"\xd1\x01\n\x0f\x45xecuteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12!\n\x05tests\x18\x03 \x03(\x0b\x32\x12.ilf.v1.TestResult\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x18\n\x10output_truncated\x18\x07 \x01(\x08\x12\x12\n\nerror_type\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\"@\n\x14\x45xecuteBatchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.ilf.v1.ExecuteResponse\"\x17\n\x15GetSandboxInfoRequest\">\n\x0eIsolationLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"F\n\x0bSandboxInfo\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.ilf.v1.IsolationLayer\x12\x0f\n\x07workers\x18\x02 \x01(\r*r\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x12\n\x0eVERDICT_PASSED\x10\x01\x12\x12\n\x0eVERDICT_FAILED\x10\x02\x12\x11\n\rVERDICT_ERROR\x10\x03\x12\x13\n\x0fVERDICT_TIMEOUT\x10\x04\x32\xda\x01\n\tExecution\x12:\n\x07\x45xecute\x12\x16.ilf.v1.ExecuteRequest\x1a\x17.ilf.v1.ExecuteResponse\x12K\n\x0c\x45xecuteBatch\x12\x1b.ilf.v1.ExecuteBatchRequest\x1a\x1c.ilf.v1.ExecuteBatchResponse0\x01\x12\x44\n\x0eGetSandboxInfo\x12\x1d.ilf.v1.GetSandboxInfoRequest\x1a\x13.ilf.v1.SandboxInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ilf/v1/execution.proto\x12\x06ilf.v1\"\x83\x01\n\x0e\x45xecuteRequest\x12\x0f\n\x07program\x18\x01 \x01(\t\x12\x17\n\x0ftest_setup_code\x18\x02 \x01(\t\x12\r\n\x05tests\x18\x03 \x03(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x11\n\tmemory_mb\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"?\n\x13\x45xecuteBatchRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.ilf.v1.ExecuteRequest\"\x9e\x01\n\nTestResult\x12\r\n\x05index\x18\x01 \x01(\r\x12 \n\x07verdict\x18\x02 \x01(\x0e\x32\x0f.ilf.v1.Verdict\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12\x0e\n\x06\x61\x63tual\x18\x06 \x01(\t\x12\x10\n\x08\x65xpected\x18\x07 \x01(\t\"\xd1\x01\n\x0f\x45xecuteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12!\n\x05tests\x18\x03 \x03(\x0b\x32\x12.ilf.v1.TestResult\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x18\n\x10output_truncated\x18\x07 \x01(\x08\x12\x12\n\nerror_type\x18\x08 \x01(\t\x12\x15\n\rerror_message\x18\t \x01(\t\"@\n\x14\x45xecuteBatchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.ilf.v1.ExecuteResponse\"\x17\n\x15GetSandboxInfoRequest\">\n\x0eIsolationLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"F\n\x0bSandboxInfo\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.ilf.v1.IsolationLayer\x12\x0f\n\x07workers\x18\x02 \x01(\r*r\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x12\n\x0eVERDICT_PASSED\x10\x01\x12\x12\n\x0eVERDICT_FAILED\x10\x02\x12\x11\n\rVERDICT_ERROR\x10\x03\x12\x13\n\x0fVERDICT_TIMEOUT\x10\x04\x32\xda\x01\n\tExecution\x12:\n\x07\x45xecute\x12\x16.ilf.v1.ExecuteRequest\x1a\x17.ilf.v1.ExecuteResponse\x12K\n\x0c\x45xecuteBatch\x12\x1b.ilf.v1.ExecuteBatchRequest\x1a\x1c.ilf.v1.ExecuteBatchResponse0\x01\x12\x44\n\x0eGetSandboxInfo\x12\x1d.ilf.v1.GetSandboxInfoRequest\x1a\x13.ilf.v1.SandboxInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ilf.v1.execution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICT']._serialized_start=798
-  _globals['_VERDICT']._serialized_end=912
+  _globals['_VERDICT']._serialized_start=833
+  _globals['_VERDICT']._serialized_end=947
   _globals['_EXECUTEREQUEST']._serialized_start=35
   _globals['_EXECUTEREQUEST']._serialized_end=166
   _globals['_EXECUTEBATCHREQUEST']._serialized_start=168
   _globals['_EXECUTEBATCHREQUEST']._serialized_end=231
-  _globals['_TESTRESULT']._serialized_start=233
-  _globals['_TESTRESULT']._serialized_end=357
-  _globals['_EXECUTERESPONSE']._serialized_start=360
-  _globals['_EXECUTERESPONSE']._serialized_end=569
-  _globals['_EXECUTEBATCHRESPONSE']._serialized_start=571
-  _globals['_EXECUTEBATCHRESPONSE']._serialized_end=635
-  _globals['_GETSANDBOXINFOREQUEST']._serialized_start=637
-  _globals['_GETSANDBOXINFOREQUEST']._serialized_end=660
-  _globals['_ISOLATIONLAYER']._serialized_start=662
-  _globals['_ISOLATIONLAYER']._serialized_end=724
-  _globals['_SANDBOXINFO']._serialized_start=726
-  _globals['_SANDBOXINFO']._serialized_end=796
-  _globals['_EXECUTION']._serialized_start=915
-  _globals['_EXECUTION']._serialized_end=1133
+  _globals['_TESTRESULT']._serialized_start=234
+  _globals['_TESTRESULT']._serialized_end=392
+  _globals['_EXECUTERESPONSE']._serialized_start=395
+  _globals['_EXECUTERESPONSE']._serialized_end=604
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_start=606
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_end=670
+  _globals['_GETSANDBOXINFOREQUEST']._serialized_start=672
+  _globals['_GETSANDBOXINFOREQUEST']._serialized_end=695
+  _globals['_ISOLATIONLAYER']._serialized_start=697
+  _globals['_ISOLATIONLAYER']._serialized_end=759
+  _globals['_SANDBOXINFO']._serialized_start=761
+  _globals['_SANDBOXINFO']._serialized_end=831
+  _globals['_EXECUTION']._serialized_start=950
+  _globals['_EXECUTION']._serialized_end=1168
 # @@protoc_insertion_point(module_scope)

@@ -43,18 +43,22 @@ class ExecuteBatchRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[ExecuteRequest, _Mapping]]] = ...) -> None: ...
 
 class TestResult(_message.Message):
-    __slots__ = ("index", "verdict", "error_type", "error_message", "duration_s")
+    __slots__ = ("index", "verdict", "error_type", "error_message", "duration_s", "actual", "expected")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    ACTUAL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
     index: int
     verdict: Verdict
     error_type: str
     error_message: str
     duration_s: float
-    def __init__(self, index: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    actual: str
+    expected: str
+    def __init__(self, index: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., duration_s: _Optional[float] = ..., actual: _Optional[str] = ..., expected: _Optional[str] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("request_id", "passed", "tests", "duration_s", "stdout", "stderr", "output_truncated", "error_type", "error_message")

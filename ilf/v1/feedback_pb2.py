@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from ilf.v1 import common_pb2 as ilf_dot_v1_dot_common__pb2
+from ilf.v1 import execution_pb2 as ilf_dot_v1_dot_execution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ilf/v1/feedback.proto\x12\x06ilf.v1\x1a\x13ilf/v1/common.proto\"u\n\x0bTestSummary\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\x08\x12\x13\n\x0btests_total\x18\x02 \x01(\r\x12\x14\n\x0ctests_passed\x18\x03 \x01(\r\x12\x0f\n\x07\x66\x61ilure\x18\x04 \x01(\t\x12\x19\n\x11refinement_passed\x18\x05 \x01(\x08\"\xb6\x02\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x16\n\x0eschema_version\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\x05\x12\r\n\x05split\x18\x04 \x01(\t\x12\x0f\n\x07program\x18\x05 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x06 \x01(\t\x12\'\n\x0b\x61uthor_kind\x18\x07 \x01(\x0e\x32\x12.ilf.v1.AuthorKind\x12\x14\n\x0c\x61nnotator_id\x18\x08 \x01(\t\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x18\n\x10human_refinement\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12\"\n\x05tests\x18\x0c \x01(\x0b\x32\x13.ilf.v1.TestSummary\x12\x0e\n\x06source\x18\r \x01(\t\"{\n\x15SubmitFeedbackRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\t\x12\x14\n\x0c\x61nnotator_id\x18\x04 \x01(\t\x12\x18\n\x10human_refinement\x18\x05 \x01(\t\"\'\n\x12GetFeedbackRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"h\n\x0e\x46\x65\x65\x64\x62\x61\x63kFilter\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\r\n\x05split\x18\x02 \x01(\t\x12\'\n\x0b\x61uthor_kind\x18\x03 \x01(\x0e\x32\x12.ilf.v1.AuthorKind\x12\r\n\x05since\x18\x04 \x01(\x01\"=\n\x13ListFeedbackRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.ilf.v1.FeedbackFilter\"?\n\x14ListFeedbackResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.ilf.v1.FeedbackRecord\">\n\x14\x45xportDatasetRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.ilf.v1.FeedbackFilter\"5\n\x15\x45xportDatasetResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x01(\r\"\x1f\n\x1dImportPaperAnnotationsRequest\"\xc5\x01\n\x1eImportPaperAnnotationsResponse\x12\x10\n\x08imported\x18\x01 \x01(\r\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\r\x12G\n\tper_split\x18\x03 \x03(\x0b\x32\x34.ilf.v1.ImportPaperAnnotationsResponse.PerSplitEntry\x1a/\n\rPerSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x89\x01\n\x17GenerateFeedbackRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\x0f\n\x07program\x18\x02 \x01(\t\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.ilf.v1.SamplingParams\x12\r\n\x05shots\x18\x04 \x01(\r\x12\x15\n\rmodel_version\x18\x05 \x01(\t*W\n\nAuthorKind\x12\x1b\n\x17\x41UTHOR_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41UTHOR_KIND_HUMAN\x10\x01\x12\x15\n\x11\x41UTHOR_KIND_MODEL\x10\x02\x32\xe5\x03\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12G\n\x0eSubmitFeedback\x12\x1d.ilf.v1.SubmitFeedbackRequest\x1a\x16.ilf.v1.FeedbackRecord\x12\x41\n\x0bGetFeedback\x12\x1a.ilf.v1.GetFeedbackRequest\x1a\x16.ilf.v1.FeedbackRecord\x12I\n\x0cListFeedback\x12\x1b.ilf.v1.ListFeedbackRequest\x1a\x1c.ilf.v1.ListFeedbackResponse\x12L\n\rExportDataset\x12\x1c.ilf.v1.ExportDatasetRequest\x1a\x1d.ilf.v1.ExportDatasetResponse\x12g\n\x16ImportPaperAnnotations\x12%.ilf.v1.ImportPaperAnnotationsRequest\x1a&.ilf.v1.ImportPaperAnnotationsResponse\x12K\n\x10GenerateFeedback\x12\x1f.ilf.v1.GenerateFeedbackRequest\x1a\x16.ilf.v1.FeedbackRecordb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ilf/v1/feedback.proto\x12\x06ilf.v1\x1a\x13ilf/v1/common.proto\x1a\x16ilf/v1/execution.proto\"u\n\x0bTestSummary\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\x08\x12\x13\n\x0btests_total\x18\x02 \x01(\r\x12\x14\n\x0ctests_passed\x18\x03 \x01(\r\x12\x0f\n\x07\x66\x61ilure\x18\x04 \x01(\t\x12\x19\n\x11refinement_passed\x18\x05 \x01(\x08\"\xfb\x02\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x16\n\x0eschema_version\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\x05\x12\r\n\x05split\x18\x04 \x01(\t\x12\x0f\n\x07program\x18\x05 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x06 \x01(\t\x12\'\n\x0b\x61uthor_kind\x18\x07 \x01(\x0e\x32\x12.ilf.v1.AuthorKind\x12\x14\n\x0c\x61nnotator_id\x18\x08 \x01(\t\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x18\n\x10human_refinement\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12\"\n\x05tests\x18\x0c \x01(\x0b\x32\x13.ilf.v1.TestSummary\x12\x0e\n\x06source\x18\r \x01(\t\x12\x10\n\x08task_set\x18\x0e \x01(\t\x12\x1d\n\x15program_model_version\x18\x0f \x01(\t\x12\x12\n\nqueue_item\x18\x10 \x01(\t\"\x8d\x01\n\x15SubmitFeedbackRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\x0f\n\x07program\x18\x02 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\t\x12\x14\n\x0c\x61nnotator_id\x18\x04 \x01(\t\x12\x18\n\x10human_refinement\x18\x05 \x01(\t\x12\x10\n\x08task_set\x18\x06 \x01(\t\"\'\n\x12GetFeedbackRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\"z\n\x0e\x46\x65\x65\x64\x62\x61\x63kFilter\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\r\n\x05split\x18\x02 \x01(\t\x12\'\n\x0b\x61uthor_kind\x18\x03 \x01(\x0e\x32\x12.ilf.v1.AuthorKind\x12\r\n\x05since\x18\x04 \x01(\x01\x12\x10\n\x08task_set\x18\x05 \x01(\t\"=\n\x13ListFeedbackRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.ilf.v1.FeedbackFilter\"?\n\x14ListFeedbackResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.ilf.v1.FeedbackRecord\">\n\x14\x45xportDatasetRequest\x12&\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x16.ilf.v1.FeedbackFilter\"5\n\x15\x45xportDatasetResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x01(\r\"\x1f\n\x1dImportPaperAnnotationsRequest\"\xc5\x01\n\x1eImportPaperAnnotationsResponse\x12\x10\n\x08imported\x18\x01 \x01(\r\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\r\x12G\n\tper_split\x18\x03 \x03(\x0b\x32\x34.ilf.v1.ImportPaperAnnotationsResponse.PerSplitEntry\x1a/\n\rPerSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x9b\x01\n\x17GenerateFeedbackRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\x05\x12\x0f\n\x07program\x18\x02 \x01(\t\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.ilf.v1.SamplingParams\x12\r\n\x05shots\x18\x04 \x01(\r\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x10\n\x08task_set\x18\x06 \x01(\t\"\xe4\x01\n\x0bTaskSetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12?\n\x0ftasks_per_split\x18\x03 \x03(\x0b\x32&.ilf.v1.TaskSetInfo.TasksPerSplitEntry\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x1b\n\x05tasks\x18\x05 \x03(\x0b\x32\x0c.ilf.v1.Task\x12\x10\n\x08imported\x18\x06 \x01(\x08\x1a\x34\n\x12TasksPerSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"4\n\x14ImportTaskSetRequest\x12\r\n\x05jsonl\x18\x01 \x01(\x0c\x12\r\n\x05label\x18\x02 \x01(\t\"8\n\x11GetTaskSetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rinclude_tasks\x18\x02 \x01(\x08\"\x15\n\x13ListTaskSetsRequest\">\n\x14ListTaskSetsResponse\x12&\n\ttask_sets\x18\x01 \x03(\x0b\x32\x13.ilf.v1.TaskSetInfo\"\x87\x01\n\x0e\x43ollectRequest\x12\x10\n\x08task_set\x18\x01 \x01(\t\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.ilf.v1.SamplingParams\x12\x11\n\tmax_tasks\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\"\x8f\x01\n\x0f\x43ollectResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\r\n\x05tasks\x18\x02 \x01(\r\x12\x0f\n\x07samples\x18\x03 \x01(\r\x12\x0f\n\x07\x66\x61iling\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x12\n\nduplicates\x18\x06 \x01(\r\x12\x10\n\x08item_ids\x18\x07 \x03(\t\"<\n\x08ItemTest\x12\x0c\n\x04test\x18\x01 \x01(\t\x12\"\n\x06result\x18\x02 \x01(\x0b\x32\x12.ilf.v1.TestResult\"\xe1\x02\n\tQueueItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08task_set\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\x05\x12\x11\n\ttask_text\x18\x04 \x01(\t\x12\x0f\n\x07program\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x1f\n\x05tests\x18\x07 \x03(\x0b\x32\x10.ilf.v1.ItemTest\x12\x12\n\nload_error\x18\x08 \x01(\t\x12!\n\x05state\x18\t \x01(\x0e\x32\x12.ilf.v1.QueueState\x12\x10\n\x08lease_id\x18\n \x01(\t\x12\x11\n\tleased_by\x18\x0b \x01(\t\x12\x18\n\x10lease_expires_at\x18\x0c \x01(\x01\x12\x12\n\nskipped_by\x18\r \x03(\t\x12\x11\n\trecord_id\x18\x0e \x01(\t\x12\x13\n\x0b\x61nswered_by\x18\x0f \x01(\t\x12\x12\n\ncreated_at\x18\x10 \x01(\x01\"V\n\x10ListQueueRequest\x12\x10\n\x08task_set\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.ilf.v1.QueueState\x12\r\n\x05limit\x18\x03 \x01(\r\"5\n\x11ListQueueResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.ilf.v1.QueueItem\"b\n\x10LeaseItemRequest\x12\x14\n\x0c\x61nnotator_id\x18\x01 \x01(\t\x12\x10\n\x08task_set\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"D\n\x0fSkipItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"x\n\x11\x41nswerItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61nnotator_id\x18\x03 \x01(\t\x12\x10\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x01(\t\x12\x18\n\x10human_refinement\x18\x05 \x01(\t\"\xa1\x01\n\x16\x41nswerWithModelRequest\x12\x10\n\x08task_set\x18\x01 \x01(\t\x12\x11\n\tmax_items\x18\x02 \x01(\r\x12\x14\n\x0colder_than_s\x18\x03 \x01(\x01\x12&\n\x06params\x18\x04 \x01(\x0b\x32\x16.ilf.v1.SamplingParams\x12\r\n\x05shots\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x06 \x01(\t\"R\n\x17\x41nswerWithModelResponse\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.ilf.v1.FeedbackRecord\x12\x0e\n\x06silent\x18\x02 \x01(\r*W\n\nAuthorKind\x12\x1b\n\x17\x41UTHOR_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41UTHOR_KIND_HUMAN\x10\x01\x12\x15\n\x11\x41UTHOR_KIND_MODEL\x10\x02*s\n\nQueueState\x12\x1b\n\x17QUEUE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12QUEUE_STATE_QUEUED\x10\x01\x12\x16\n\x12QUEUE_STATE_LEASED\x10\x02\x12\x18\n\x14QUEUE_STATE_ANSWERED\x10\x03\x32\xb7\x08\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12G\n\x0eSubmitFeedback\x12\x1d.ilf.v1.SubmitFeedbackRequest\x1a\x16.ilf.v1.FeedbackRecord\x12\x41\n\x0bGetFeedback\x12\x1a.ilf.v1.GetFeedbackRequest\x1a\x16.ilf.v1.FeedbackRecord\x12I\n\x0cListFeedback\x12\x1b.ilf.v1.ListFeedbackRequest\x1a\x1c.ilf.v1.ListFeedbackResponse\x12L\n\rExportDataset\x12\x1c.ilf.v1.ExportDatasetRequest\x1a\x1d.ilf.v1.ExportDatasetResponse\x12g\n\x16ImportPaperAnnotations\x12%.ilf.v1.ImportPaperAnnotationsRequest\x1a&.ilf.v1.ImportPaperAnnotationsResponse\x12K\n\x10GenerateFeedback\x12\x1f.ilf.v1.GenerateFeedbackRequest\x1a\x16.ilf.v1.FeedbackRecord\x12\x42\n\rImportTaskSet\x12\x1c.ilf.v1.ImportTaskSetRequest\x1a\x13.ilf.v1.TaskSetInfo\x12<\n\nGetTaskSet\x12\x19.ilf.v1.GetTaskSetRequest\x1a\x13.ilf.v1.TaskSetInfo\x12I\n\x0cListTaskSets\x12\x1b.ilf.v1.ListTaskSetsRequest\x1a\x1c.ilf.v1.ListTaskSetsResponse\x12:\n\x07\x43ollect\x12\x16.ilf.v1.CollectRequest\x1a\x17.ilf.v1.CollectResponse\x12@\n\tListQueue\x12\x18.ilf.v1.ListQueueRequest\x1a\x19.ilf.v1.ListQueueResponse\x12\x38\n\tLeaseItem\x12\x18.ilf.v1.LeaseItemRequest\x1a\x11.ilf.v1.QueueItem\x12\x36\n\x08SkipItem\x12\x17.ilf.v1.SkipItemRequest\x1a\x11.ilf.v1.QueueItem\x12?\n\nAnswerItem\x12\x19.ilf.v1.AnswerItemRequest\x1a\x16.ilf.v1.FeedbackRecord\x12R\n\x0f\x41nswerWithModel\x12\x1e.ilf.v1.AnswerWithModelRequest\x1a\x1f.ilf.v1.AnswerWithModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +35,72 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMPORTPAPERANNOTATIONSRESPONSE_PERSPLITENTRY']._loaded_options = None
   _globals['_IMPORTPAPERANNOTATIONSRESPONSE_PERSPLITENTRY']._serialized_options = b'8\001'
-  _globals['_AUTHORKIND']._serialized_start=1378
-  _globals['_AUTHORKIND']._serialized_end=1465
-  _globals['_TESTSUMMARY']._serialized_start=54
-  _globals['_TESTSUMMARY']._serialized_end=171
-  _globals['_FEEDBACKRECORD']._serialized_start=174
-  _globals['_FEEDBACKRECORD']._serialized_end=484
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=486
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=609
-  _globals['_GETFEEDBACKREQUEST']._serialized_start=611
-  _globals['_GETFEEDBACKREQUEST']._serialized_end=650
-  _globals['_FEEDBACKFILTER']._serialized_start=652
-  _globals['_FEEDBACKFILTER']._serialized_end=756
-  _globals['_LISTFEEDBACKREQUEST']._serialized_start=758
-  _globals['_LISTFEEDBACKREQUEST']._serialized_end=819
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=821
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=884
-  _globals['_EXPORTDATASETREQUEST']._serialized_start=886
-  _globals['_EXPORTDATASETREQUEST']._serialized_end=948
-  _globals['_EXPORTDATASETRESPONSE']._serialized_start=950
-  _globals['_EXPORTDATASETRESPONSE']._serialized_end=1003
-  _globals['_IMPORTPAPERANNOTATIONSREQUEST']._serialized_start=1005
-  _globals['_IMPORTPAPERANNOTATIONSREQUEST']._serialized_end=1036
-  _globals['_IMPORTPAPERANNOTATIONSRESPONSE']._serialized_start=1039
-  _globals['_IMPORTPAPERANNOTATIONSRESPONSE']._serialized_end=1236
-  _globals['_IMPORTPAPERANNOTATIONSRESPONSE_PERSPLITENTRY']._serialized_start=1189
-  _globals['_IMPORTPAPERANNOTATIONSRESPONSE_PERSPLITENTRY']._serialized_end=1236
-  _globals['_GENERATEFEEDBACKREQUEST']._serialized_start=1239
-  _globals['_GENERATEFEEDBACKREQUEST']._serialized_end=1376
-  _globals['_FEEDBACK']._serialized_start=1468
-  _globals['_FEEDBACK']._serialized_end=1953
+  _globals['_TASKSETINFO_TASKSPERSPLITENTRY']._loaded_options = None
+  _globals['_TASKSETINFO_TASKSPERSPLITENTRY']._serialized_options = b'8\001'
+  _globals['_AUTHORKIND']._serialized_start=3341
+  _globals['_AUTHORKIND']._serialized_end=3428
+  _globals['_QUEUESTATE']._serialized_start=3430
+  _globals['_QUEUESTATE']._serialized_end=3545
+  _globals['_TESTSUMMARY']._serialized_start=78
+  _globals['_TESTSUMMARY']._serialized_end=195
+  _globals['_FEEDBACKRECORD']._serialized_start=198
+  _globals['_FEEDBACKRECORD']._serialized_end=577
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=580
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=721
+  _globals['_GETFEEDBACKREQUEST']._serialized_start=723
+  _globals['_GETFEEDBACKREQUEST']._serialized_end=762
+  _globals['_FEEDBACKFILTER']._serialized_start=764
+  _globals['_FEEDBACKFILTER']._serialized_end=886
+  _globals['_LISTFEEDBACKREQUEST']._serialized_start=888
+  _globals['_LISTFEEDBACKREQUEST']._serialized_end=949
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=951
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1014
+  _globals['_EXPORTDATASETREQUEST']._serialized_start=1016
+  _globals['_EXPORTDATASETREQUEST']._serialized_end=1078
+  _globals['_EXPORTDATASETRESPONSE']._serialized_start=1080
+  _globals['_EXPORTDATASETRESPONSE']._serialized_end=1133
+  _globals['_IMPORTPAPERANNOTATIONSREQUEST']._serialized_start=1135
+  _globals['_IMPORTPAPERANNOTATIONSREQUEST']._serialized_end=1166
+  _globals['_IMPORTPAPERANNOTATIONSRESPONSE']._serialized_start=1169
+  _globals['_IMPORTPAPERANNOTATIONSRESPONSE']._serialized_end=1366
+  _globals['_IMPORTPAPERANNOTATIONSRESPONSE_PERSPLITENTRY']._serialized_start=1319
+  _globals['_IMPORTPAPERANNOTATIONSRESPONSE_PERSPLITENTRY']._serialized_end=1366
+  _globals['_GENERATEFEEDBACKREQUEST']._serialized_start=1369
+  _globals['_GENERATEFEEDBACKREQUEST']._serialized_end=1524
+  _globals['_TASKSETINFO']._serialized_start=1527
+  _globals['_TASKSETINFO']._serialized_end=1755
+  _globals['_TASKSETINFO_TASKSPERSPLITENTRY']._serialized_start=1703
+  _globals['_TASKSETINFO_TASKSPERSPLITENTRY']._serialized_end=1755
+  _globals['_IMPORTTASKSETREQUEST']._serialized_start=1757
+  _globals['_IMPORTTASKSETREQUEST']._serialized_end=1809
+  _globals['_GETTASKSETREQUEST']._serialized_start=1811
+  _globals['_GETTASKSETREQUEST']._serialized_end=1867
+  _globals['_LISTTASKSETSREQUEST']._serialized_start=1869
+  _globals['_LISTTASKSETSREQUEST']._serialized_end=1890
+  _globals['_LISTTASKSETSRESPONSE']._serialized_start=1892
+  _globals['_LISTTASKSETSRESPONSE']._serialized_end=1954
+  _globals['_COLLECTREQUEST']._serialized_start=1957
+  _globals['_COLLECTREQUEST']._serialized_end=2092
+  _globals['_COLLECTRESPONSE']._serialized_start=2095
+  _globals['_COLLECTRESPONSE']._serialized_end=2238
+  _globals['_ITEMTEST']._serialized_start=2240
+  _globals['_ITEMTEST']._serialized_end=2300
+  _globals['_QUEUEITEM']._serialized_start=2303
+  _globals['_QUEUEITEM']._serialized_end=2656
+  _globals['_LISTQUEUEREQUEST']._serialized_start=2658
+  _globals['_LISTQUEUEREQUEST']._serialized_end=2744
+  _globals['_LISTQUEUERESPONSE']._serialized_start=2746
+  _globals['_LISTQUEUERESPONSE']._serialized_end=2799
+  _globals['_LEASEITEMREQUEST']._serialized_start=2801
+  _globals['_LEASEITEMREQUEST']._serialized_end=2899
+  _globals['_SKIPITEMREQUEST']._serialized_start=2901
+  _globals['_SKIPITEMREQUEST']._serialized_end=2969
+  _globals['_ANSWERITEMREQUEST']._serialized_start=2971
+  _globals['_ANSWERITEMREQUEST']._serialized_end=3091
+  _globals['_ANSWERWITHMODELREQUEST']._serialized_start=3094
+  _globals['_ANSWERWITHMODELREQUEST']._serialized_end=3255
+  _globals['_ANSWERWITHMODELRESPONSE']._serialized_start=3257
+  _globals['_ANSWERWITHMODELRESPONSE']._serialized_end=3339
+  _globals['_FEEDBACK']._serialized_start=3548
+  _globals['_FEEDBACK']._serialized_end=4627
 # @@protoc_insertion_point(module_scope)

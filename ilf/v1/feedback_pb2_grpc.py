@@ -66,6 +66,51 @@ class FeedbackStub:
                 request_serializer=ilf_dot_v1_dot_feedback__pb2.GenerateFeedbackRequest.SerializeToString,
                 response_deserializer=ilf_dot_v1_dot_feedback__pb2.FeedbackRecord.FromString,
                 _registered_method=True)
+        self.ImportTaskSet = channel.unary_unary(
+                '/ilf.v1.Feedback/ImportTaskSet',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.ImportTaskSetRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.TaskSetInfo.FromString,
+                _registered_method=True)
+        self.GetTaskSet = channel.unary_unary(
+                '/ilf.v1.Feedback/GetTaskSet',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.GetTaskSetRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.TaskSetInfo.FromString,
+                _registered_method=True)
+        self.ListTaskSets = channel.unary_unary(
+                '/ilf.v1.Feedback/ListTaskSets',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.ListTaskSetsRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.ListTaskSetsResponse.FromString,
+                _registered_method=True)
+        self.Collect = channel.unary_unary(
+                '/ilf.v1.Feedback/Collect',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.CollectRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.CollectResponse.FromString,
+                _registered_method=True)
+        self.ListQueue = channel.unary_unary(
+                '/ilf.v1.Feedback/ListQueue',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.ListQueueRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.ListQueueResponse.FromString,
+                _registered_method=True)
+        self.LeaseItem = channel.unary_unary(
+                '/ilf.v1.Feedback/LeaseItem',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.LeaseItemRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.QueueItem.FromString,
+                _registered_method=True)
+        self.SkipItem = channel.unary_unary(
+                '/ilf.v1.Feedback/SkipItem',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.SkipItemRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.QueueItem.FromString,
+                _registered_method=True)
+        self.AnswerItem = channel.unary_unary(
+                '/ilf.v1.Feedback/AnswerItem',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.AnswerItemRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.FeedbackRecord.FromString,
+                _registered_method=True)
+        self.AnswerWithModel = channel.unary_unary(
+                '/ilf.v1.Feedback/AnswerWithModel',
+                request_serializer=ilf_dot_v1_dot_feedback__pb2.AnswerWithModelRequest.SerializeToString,
+                response_deserializer=ilf_dot_v1_dot_feedback__pb2.AnswerWithModelResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServicer:
@@ -113,6 +158,69 @@ class FeedbackServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportTaskSet(self, request, context):
+        """Task sets. MBPP with the paper's splits is built in as "mbpp", the default wherever a task set is
+        named. An import is validated (every test an assert the execution service accepts, every reference
+        solution passing) and stored whole or not at all, named by its content; bad rows are listed by line.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskSet(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTaskSets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Collect(self, request, context):
+        """The annotation queue. Collect samples a model on a task set's train split, executes the samples and
+        queues the failing ones (one item per distinct program). Annotators lease an item (the lease expires,
+        so two people never write on the same item), skip it or answer it (the SubmitFeedback checks apply).
+        Every state change is an immutable object in the store, so the queue survives restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseItem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SkipItem(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnswerItem(self, request, context):
+        """Answering again with the same feedback returns the stored record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnswerWithModel(self, request, context):
+        """Model-written feedback (GenerateFeedback) for queued items no one holds, recorded as the model's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +253,51 @@ def add_FeedbackServicer_to_server(servicer, server):
                     servicer.GenerateFeedback,
                     request_deserializer=ilf_dot_v1_dot_feedback__pb2.GenerateFeedbackRequest.FromString,
                     response_serializer=ilf_dot_v1_dot_feedback__pb2.FeedbackRecord.SerializeToString,
+            ),
+            'ImportTaskSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportTaskSet,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.ImportTaskSetRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.TaskSetInfo.SerializeToString,
+            ),
+            'GetTaskSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskSet,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.GetTaskSetRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.TaskSetInfo.SerializeToString,
+            ),
+            'ListTaskSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskSets,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.ListTaskSetsRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.ListTaskSetsResponse.SerializeToString,
+            ),
+            'Collect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Collect,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.CollectRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.CollectResponse.SerializeToString,
+            ),
+            'ListQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueue,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.ListQueueRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.ListQueueResponse.SerializeToString,
+            ),
+            'LeaseItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseItem,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.LeaseItemRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.QueueItem.SerializeToString,
+            ),
+            'SkipItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.SkipItem,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.SkipItemRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.QueueItem.SerializeToString,
+            ),
+            'AnswerItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerItem,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.AnswerItemRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.FeedbackRecord.SerializeToString,
+            ),
+            'AnswerWithModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerWithModel,
+                    request_deserializer=ilf_dot_v1_dot_feedback__pb2.AnswerWithModelRequest.FromString,
+                    response_serializer=ilf_dot_v1_dot_feedback__pb2.AnswerWithModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +464,249 @@ class Feedback:
             '/ilf.v1.Feedback/GenerateFeedback',
             ilf_dot_v1_dot_feedback__pb2.GenerateFeedbackRequest.SerializeToString,
             ilf_dot_v1_dot_feedback__pb2.FeedbackRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportTaskSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/ImportTaskSet',
+            ilf_dot_v1_dot_feedback__pb2.ImportTaskSetRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.TaskSetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/GetTaskSet',
+            ilf_dot_v1_dot_feedback__pb2.GetTaskSetRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.TaskSetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/ListTaskSets',
+            ilf_dot_v1_dot_feedback__pb2.ListTaskSetsRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.ListTaskSetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Collect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/Collect',
+            ilf_dot_v1_dot_feedback__pb2.CollectRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.CollectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/ListQueue',
+            ilf_dot_v1_dot_feedback__pb2.ListQueueRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.ListQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/LeaseItem',
+            ilf_dot_v1_dot_feedback__pb2.LeaseItemRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.QueueItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SkipItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/SkipItem',
+            ilf_dot_v1_dot_feedback__pb2.SkipItemRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.QueueItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/AnswerItem',
+            ilf_dot_v1_dot_feedback__pb2.AnswerItemRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.FeedbackRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerWithModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ilf.v1.Feedback/AnswerWithModel',
+            ilf_dot_v1_dot_feedback__pb2.AnswerWithModelRequest.SerializeToString,
+            ilf_dot_v1_dot_feedback__pb2.AnswerWithModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
