@@ -130,12 +130,17 @@ def test_filters(tmp_path):
     records = FeedbackStore(open_store(f"file://{tmp_path}"))
     human = records.add(new_record(task_id=11, program="p", feedback="f", author_kind="human", source="submitted",
                                    annotator_id="a"))[0]
-    model = records.add(new_record(task_id=400, program="p", feedback="f", author_kind="model", source="generated",
+    model = records.add(new_record(task_id=311, program="p", feedback="f", author_kind="model", source="generated",
                                    model_version="v1"))[0]
+    # MBPP_Train tasks without a paper annotation are the dev split, never trained on
+    unannotated = records.add(new_record(task_id=400, program="p", feedback="f", author_kind="human",
+                                         source="submitted", annotator_id="a"))[0]
     assert records.list(Filter(split="train")) == [model]
-    assert records.list(Filter(author_kind="human")) == [human]
+    assert records.list(Filter(split="dev")) == [unannotated]
+    assert records.list(Filter(task_set="mbpp")) == records.list() and not records.list(Filter(task_set="ts-other"))
+    assert records.list(Filter(author_kind="human")) == [human, unannotated]
     assert records.list(Filter(task_id=11)) == [human]
-    assert records.list(Filter(since=model.created_at)) == [model]
+    assert records.list(Filter(since=model.created_at)) == [model, unannotated]
     assert records.list(Filter(since=model.created_at + 1)) == []
     for bad in (dict(split="holdout"), dict(author_kind="robot")):
         with pytest.raises(InvalidArgument):

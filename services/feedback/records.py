@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ilf import data
+from ilf import data, tasksets
 from ilf.errors import AlreadyExists, InvalidArgument, NotFound
 from ilf.store import ArtifactStore
 
@@ -49,6 +49,9 @@ class FeedbackRecord:
     source: str
     tests: TestSummary = field(default_factory=TestSummary)
     schema_version: int = SCHEMA_VERSION
+    task_set: str = tasksets.MBPP
+    program_model_version: str = ""  # the model version that wrote the program (queue items)
+    queue_item: str = ""             # the queue item this answers
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -59,16 +62,22 @@ class FeedbackRecord:
 
 
 def new_record(*, task_id: int, program: str, feedback: str, author_kind: str, source: str, annotator_id: str = "",
-               model_version: str = "", human_refinement: str = "", tests: TestSummary = TestSummary()
+               model_version: str = "", human_refinement: str = "", tests: TestSummary = TestSummary(),
+               task_set: tasksets.TaskSet | None = None, program_model_version: str = "", queue_item: str = ""
                ) -> FeedbackRecord:
+    """A record on a task of `task_set` (default MBPP); its id hashes what it says."""
     if author_kind not in AUTHOR_KINDS:
         raise InvalidArgument(f"author_kind must be one of {AUTHOR_KINDS}, got {author_kind!r}")
-    content = json.dumps([task_id, program, feedback, author_kind, annotator_id, model_version, human_refinement])
+    task_set = task_set or tasksets.mbpp()
+    identity = [task_id, program, feedback, author_kind, annotator_id, model_version, human_refinement]
+    if task_set.name != tasksets.MBPP or program_model_version:
+        identity += [task_set.name, program_model_version]  # MBPP records made before task sets keep their ids
     return FeedbackRecord(
-        record_id=hashlib.sha256(content.encode()).hexdigest()[:24], task_id=task_id, split=data.split_of(task_id),
-        program=program, feedback=feedback, author_kind=author_kind, annotator_id=annotator_id,
-        model_version=model_version, human_refinement=human_refinement, created_at=time.time(), source=source,
-        tests=tests)
+        record_id=hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24], task_id=task_id,
+        split=task_set.split_of(task_id), program=program, feedback=feedback, author_kind=author_kind,
+        annotator_id=annotator_id, model_version=model_version, human_refinement=human_refinement,
+        created_at=time.time(), source=source, tests=tests, task_set=task_set.name,
+        program_model_version=program_model_version, queue_item=queue_item)
 
 
 @dataclass(frozen=True)
@@ -78,10 +87,11 @@ class Filter:
     split: str = ""
     author_kind: str = ""
     since: float = 0.0
+    task_set: str = ""
 
     def __post_init__(self):
-        if self.split and self.split not in data.SPLITS:
-            raise InvalidArgument(f"split must be one of {sorted(data.SPLITS)}, got {self.split!r}")
+        if self.split and self.split not in tasksets.SPLITS:
+            raise InvalidArgument(f"split must be one of {tasksets.SPLITS}, got {self.split!r}")
         if self.author_kind and self.author_kind not in AUTHOR_KINDS:
             raise InvalidArgument(f"author_kind must be one of {AUTHOR_KINDS}, got {self.author_kind!r}")
 
@@ -89,6 +99,7 @@ class Filter:
         return ((not self.task_id or record.task_id == self.task_id)
                 and (not self.split or record.split == self.split)
                 and (not self.author_kind or record.author_kind == self.author_kind)
+                and (not self.task_set or record.task_set == self.task_set)
                 and record.created_at >= self.since)
 
 

@@ -5,6 +5,7 @@ import grpc
 
 from ilf import data, prompts
 from ilf.errors import FailedPrecondition, InvalidArgument, upstream_error
+from ilf.tasksets import Task
 from ilf.v1 import common_pb2, execution_pb2, generation_pb2, generation_pb2_grpc
 from services.feedback.checks import MAX_FEEDBACK_CHARS
 
@@ -21,7 +22,7 @@ def _section(task_text: str, program: str) -> str:
     return f"TASK:\n{task_text.strip()}\n\nOLD CODE:\n{program.strip()[:MAX_PROMPT_PROGRAM_CHARS]}\n\n"
 
 
-def results_report(task: data.MBPPTask, result: execution_pb2.ExecuteResponse) -> str:
+def results_report(task: Task, result: execution_pb2.ExecuteResponse) -> str:
     """One line per test: the assert and its verdict (or why the program did not load)."""
     if result.error_type:
         return f"The program did not load: {result.error_type}: {result.error_message}".strip()
@@ -31,11 +32,13 @@ def results_report(task: data.MBPPTask, result: execution_pb2.ExecuteResponse) -
         outcome = verdicts.get(index)
         verdict = execution_pb2.Verdict.Name(outcome.verdict).removeprefix("VERDICT_") if outcome else "NOT RUN"
         detail = f" ({outcome.error_type})" if outcome and outcome.error_type else ""
+        if outcome and outcome.actual:
+            detail += f" got {outcome.actual}" + (f", expected {outcome.expected}" if outcome.expected else "")
         lines.append(f"{test.strip()}  # {verdict}{detail}")
     return "\n".join(lines)
 
 
-def feedback_prompt(task: data.MBPPTask, program: str, result: execution_pb2.ExecuteResponse, shots: int = 0) -> str:
+def feedback_prompt(task: Task, program: str, result: execution_pb2.ExecuteResponse, shots: int = 0) -> str:
     """Few-shot examples (paper annotations of the unused prompt split, so no evaluated task leaks),
     then the task, the failing program and its test results; the model continues after FEEDBACK:."""
     examples = data.annotations("prompt")
