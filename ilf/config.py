@@ -176,11 +176,22 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             integer(1)),
     Setting("ILF_GENERATION_PORT", "50051", "gRPC port of the generation service.", PORT),
     Setting("ILF_GENERATION_BACKEND", "transformers",
-            "Generation backend: transformers (in process) or tgi (a remote TGI server at ILF_GENERATION_TGI_URL).", choice("transformers", "tgi")),
+            "Generation backend: transformers (in process), tgi (a remote TGI server at ILF_GENERATION_TGI_URL) or "
+            "openai (vLLM, SGLang or any OpenAI-compatible server at ILF_GENERATION_OPENAI_URL).",
+            choice("transformers", "tgi", "openai")),
     Setting("ILF_GENERATION_TGI_URL", "", "Base URL of the TGI server the tgi backend calls, e.g. http://host:8080."),
+    Setting("ILF_GENERATION_OPENAI_URL", "",
+            "Base URL of the OpenAI-compatible server the openai backend calls, e.g. http://host:8000/v1."),
+    Setting("ILF_GENERATION_OPENAI_TOKEN", "{ILF_AUTH_TOKEN}",
+            "Bearer token (API key) the openai backend sends: vLLM's --api-key, or an operator token of the "
+            "generation service it calls; empty: none."),
+    Setting("ILF_GENERATION_OPENAI_ADAPTER_DIR", "{ILF_MODEL_CACHE}/versions",
+            "Where the openai backend puts a LoRA version's files for the remote server to load (vLLM's lora_path): "
+            "the remote server must see this folder at the same path.", PATH),
     Setting("ILF_GENERATION_HTTP_PORT", "",
-            "Port of the generation service's TGI-protocol HTTP endpoint (generate, generate_stream; "
-            "checks the same bearer tokens as gRPC, /health excepted); empty: off.", optional(PORT)),
+            "Port of the generation service's HTTP endpoint: TGI's routes (generate, generate_stream, info) and "
+            "OpenAI's (/v1/models, /v1/completions, /v1/chat/completions); checks the same bearer tokens as gRPC, "
+            "/health excepted; empty: off.", optional(PORT)),
     Setting("ILF_GENERATION_MAX_QUEUE", "64", "Requests that may wait for a batch slot; more get RESOURCE_EXHAUSTED.", integer(1)),
     Setting("ILF_GENERATION_MAX_BATCH_ROWS", "64", "Samples decoded together in one continuous batch.", integer(1)),
     Setting("ILF_GENERATION_MAX_N", "64", "Largest n (samples per request).", integer(1)),

@@ -10,6 +10,15 @@ class InvalidArgument(IlfError, ValueError):
     code_name = "INVALID_ARGUMENT"
 
 
+class InvalidField(InvalidArgument):
+    """A request field with an unusable value: the message is the field's name and the rule it broke, kept apart
+    so each protocol can name the field as its clients know it (OpenAI's max_tokens is max_new_tokens)."""
+
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field} {rule}")
+        self.field, self.rule = field, rule
+
+
 class NotFound(IlfError, LookupError):
     code_name = "NOT_FOUND"
 

@@ -107,7 +107,7 @@ def test_failed_decode_step_fails_its_requests_and_the_engine_recovers(generatio
         return real_step(self, batch)
     monkeypatch.setattr(Engine, "_step", failing_step)
     request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
-        n=2, max_new_tokens=8))
+        n=2, temperature=0.8, max_new_tokens=8))
     with pytest.raises(grpc.RpcError) as error:
         stub.Generate(request, timeout=60)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -129,7 +129,7 @@ def test_scheduler_failure_fails_in_flight_requests_and_serving_continues(genera
             raise RuntimeError("simulated scheduler bug")
     monkeypatch.setattr(Engine, "_admit", admit_with_fault)
     request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
-        n=2, max_new_tokens=8))
+        n=2, temperature=0.8, max_new_tokens=8))
     with pytest.raises(grpc.RpcError) as error:
         stub.Generate(request, timeout=60)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "simulated scheduler bug" in error.value.details()
@@ -152,7 +152,7 @@ def test_dead_scheduler_thread_is_replaced_without_a_restart_by_hand(generation,
             raise SystemExit("simulated scheduler thread death")
     monkeypatch.setattr(Engine, "_admit", admit_then_die)
     request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
-        n=2, max_new_tokens=8))
+        n=2, temperature=0.8, max_new_tokens=8))
     with pytest.raises(grpc.RpcError) as error:
         stub.Generate(request, timeout=60)  # in flight when its thread died: answered by the watchdog
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "scheduler died" in error.value.details()

@@ -135,7 +135,7 @@ def test_generation(ilf_env):
         fuzz_service(address, "generation_pb2", "Generation", "ilf.v1.Generation")
         with channel(address) as ch:
             reply = generation_pb2_grpc.GenerationStub(ch).Generate(generation_pb2.GenerateRequest(
-                prompt="def f(x):", params=common_pb2.SamplingParams(n=2, max_new_tokens=4)), timeout=60)
+                prompt="def f(x):", params=common_pb2.SamplingParams(n=2, temperature=0.8, max_new_tokens=4)), timeout=60)
             assert len(reply.completions) == 2
     finally:
         server.stop(0)

@@ -14,9 +14,9 @@ from ilf.grpc_util import channel
 from ilf.modeling import load_version
 from reference_generation import sample
 from ilf.registry import ModelVersion
+from ilf.sampling import Sampling
 from ilf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.engine import Engine
-from services.generation.request import Settings
 
 PROMPT = "def add(a, b):"
 
@@ -75,27 +75,27 @@ def served(ilf_env):
 # engine
 def test_greedy_matches_transformers_generate(engine, base_model):
     expected = sample(base_model, PROMPT, n=1, max_new_tokens=12)[0]
-    got = engine.submit(base_model, PROMPT, Settings(n=2, max_new_tokens=12)).result()
+    got = engine.submit(base_model, PROMPT, Sampling(n=2, max_new_tokens=12)).result()
     assert [g.text for g in got] == [expected.text] * 2
     assert got[0].finish_reason == "length" and got[0].generated_tokens == 12
     assert got[0].prompt_tokens == expected.prompt_tokens
 
 
 def test_seeded_samples_do_not_depend_on_batch_neighbours(engine, base_model):
-    settings = Settings(n=3, temperature=0.9, top_p=0.95, top_k=100, max_new_tokens=16, seed=7)
+    settings = Sampling(n=3, temperature=0.9, top_p=0.95, top_k=100, max_new_tokens=16, seed=7)
     alone = [s.text for s in engine.submit(base_model, PROMPT, settings).result()]
     assert len(set(alone)) == 3, "the n samples of one request must differ"
     # other requests (different prompt lengths, settings) start before and after it and join mid-flight
-    others = [engine.submit(base_model, "x" * (k * 7), Settings(n=2, temperature=1.0, max_new_tokens=20 + k,
+    others = [engine.submit(base_model, "x" * (k * 7), Sampling(n=2, temperature=1.0, max_new_tokens=20 + k,
                                                                repetition_penalty=1.3)) for k in range(1, 4)]
     time.sleep(0.05)
     batched = engine.submit(base_model, PROMPT, settings)
-    late = engine.submit(base_model, "import os", Settings(n=1, max_new_tokens=5))
+    late = engine.submit(base_model, "import os", Sampling(n=1, max_new_tokens=5))
     assert [s.text for s in batched.result()] == alone
     for handle in [*others, late]:
         handle.result()
     # sample i of a seeded request is an n = 1 request with seed + i
-    second = engine.submit(base_model, PROMPT, Settings(n=1, temperature=0.9, top_p=0.95, top_k=100,
+    second = engine.submit(base_model, PROMPT, Sampling(n=1, temperature=0.9, top_p=0.95, top_k=100,
                                                         max_new_tokens=16, seed=8)).result()[0]
     assert second.text == alone[1]
 
@@ -103,22 +103,22 @@ def test_seeded_samples_do_not_depend_on_batch_neighbours(engine, base_model):
 def test_greedy_is_exact_when_joining_a_running_batch(engine, base_model):
     expected = sample(base_model, "print(", n=1, max_new_tokens=20)[0].text
     long_running = engine.submit(base_model, "a much longer prompt than the other one " * 3,
-                                 Settings(n=4, temperature=1.0, max_new_tokens=40))
+                                 Sampling(n=4, temperature=1.0, max_new_tokens=40))
     time.sleep(0.1)
-    assert engine.submit(base_model, "print(", Settings(n=1, max_new_tokens=20)).result()[0].text == expected
+    assert engine.submit(base_model, "print(", Sampling(n=1, max_new_tokens=20)).result()[0].text == expected
     long_running.result()
 
 
 def test_stop_sequence_and_finish_reasons(engine, base_model):
-    free = engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=12)).result()[0]
+    free = engine.submit(base_model, PROMPT, Sampling(n=1, max_new_tokens=12)).result()[0]
     stop = free.text[4:7]
-    cut = engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=12, stop=(stop,))).result()[0]
+    cut = engine.submit(base_model, PROMPT, Sampling(n=1, max_new_tokens=12, stop=(stop,))).result()[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
     assert cut.generated_tokens < 12
 
 
 def test_cancel_stops_the_rows(engine, base_model):
-    handle = engine.submit(base_model, PROMPT, Settings(n=4, temperature=1.0, max_new_tokens=2000))
+    handle = engine.submit(base_model, PROMPT, Sampling(n=4, temperature=1.0, max_new_tokens=2000))
     next(iter(handle))
     handle.cancel()
     deadline = time.monotonic() + 5
@@ -131,11 +131,11 @@ def test_full_queue_is_resource_exhausted(base_model):
     from ilf.errors import ResourceExhausted
     engine = Engine(max_rows=1, max_queue=2)
     try:
-        running = engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400))
+        running = engine.submit(base_model, PROMPT, Sampling(n=1, max_new_tokens=400))
         next(iter(running))   # admitted: the next two wait in the queue
-        waiting = [engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400)) for _ in range(2)]
+        waiting = [engine.submit(base_model, PROMPT, Sampling(n=1, max_new_tokens=400)) for _ in range(2)]
         with pytest.raises(ResourceExhausted, match="queue is full"):
-            engine.submit(base_model, PROMPT, Settings(n=1, max_new_tokens=400))
+            engine.submit(base_model, PROMPT, Sampling(n=1, max_new_tokens=400))
         for handle in [running, *waiting]:
             handle.cancel()
     finally:
@@ -158,9 +158,8 @@ def test_generate_n_samples_names_the_version(served):
 
 @pytest.mark.parametrize("request_kwargs, message", [
     ({"prompt": ""}, "prompt is empty"),
-    ({"params": params(n=0)}, "n must be between 1"),
-    ({"params": params(n=10_000)}, "n must be between 1"),
-    ({"params": params(max_new_tokens=0)}, "max_new_tokens must be between 1"),
+    ({"params": params(n=10_000, temperature=1.0)}, "n must be between 1"),
+    ({"params": params(n=2)}, "n must be 1 at temperature 0"),
     ({"params": params(max_new_tokens=10**6)}, "max_new_tokens must be between 1"),
     ({"params": params(temperature=-1)}, "temperature"),
     ({"params": params(top_p=1.5)}, "top_p"),
@@ -265,10 +264,11 @@ def test_deadline_and_cancel_stop_compute(served):
     server, stub = served
     engine = server.service.backend.engine
     with pytest.raises(grpc.RpcError) as error:
-        stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(n=4, max_new_tokens=2000)),
-                      timeout=0.5)
+        stub.Generate(generation_pb2.GenerateRequest(
+            prompt=PROMPT, params=params(n=4, temperature=1.0, max_new_tokens=2000)), timeout=0.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    stream = stub.GenerateStream(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(n=4, max_new_tokens=2000)))
+    stream = stub.GenerateStream(generation_pb2.GenerateRequest(
+        prompt=PROMPT, params=params(n=4, temperature=1.0, max_new_tokens=2000)))
     next(stream)
     stream.cancel()
     deadline = time.monotonic() + 5
@@ -318,11 +318,11 @@ def test_real_smollm2_greedy_matches_transformers_and_seeds_hold(ilf_env, monkey
     engine = Engine(max_rows=32, max_queue=4)
     try:
         expected = sample(loaded, prompt, n=1, max_new_tokens=48)[0]
-        greedy = engine.submit(loaded, prompt, Settings(n=1, max_new_tokens=48)).result()[0]
+        greedy = engine.submit(loaded, prompt, Sampling(n=1, max_new_tokens=48)).result()[0]
         assert greedy.text == expected.text and "return" in greedy.text
-        settings = Settings(n=4, temperature=0.8, max_new_tokens=32, seed=3)
+        settings = Sampling(n=4, temperature=0.8, max_new_tokens=32, seed=3)
         alone = [s.text for s in engine.submit(loaded, prompt, settings).result()]
-        neighbour = engine.submit(loaded, prompts.mbpp_prompt(data.task(12)), Settings(n=6, temperature=0.8,
+        neighbour = engine.submit(loaded, prompts.mbpp_prompt(data.task(12)), Sampling(n=6, temperature=0.8,
                                                                                          max_new_tokens=40))
         assert [s.text for s in engine.submit(loaded, prompt, settings).result()] == alone
         neighbour.result()

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ilf.modeling import LoadedModel
 from services.generation.batch import Batch
-from services.generation.request import GenerationHandle, Settings
+from ilf.sampling import Sampling
+from services.generation.request import GenerationHandle
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def loaded(tiny_model_dir):
 
 
 def prefill(loaded, prompt: str, n: int, seed: int = 0) -> Batch:
-    settings = Settings(n=n, temperature=1.0, seed=seed)
+    settings = Sampling(n=n, temperature=1.0, seed=seed)
     handle = GenerationHandle(n=n, model_version=loaded.version, seeds=[seed + i for i in range(n)])
     input_ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
     return Batch.prefill(loaded, input_ids, handle, settings)

@@ -5,13 +5,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.generation.request import Settings
+from ilf.sampling import Sampling
 from services.generation.sampler import choose_tokens, top_k_top_p
 
 
 @dataclass
 class Row:
-    settings: Settings
+    settings: Sampling
     seed: int = 0
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
@@ -22,7 +22,7 @@ class Row:
 
 def test_greedy_takes_the_argmax_and_reports_its_logprob():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
-    tokens, logprobs = choose_tokens(logits, [Row(Settings()), Row(Settings())])
+    tokens, logprobs = choose_tokens(logits, [Row(Sampling()), Row(Sampling())])
     assert tokens.tolist() == [1, 0]
     assert torch.allclose(logprobs, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
 
@@ -30,15 +30,15 @@ def test_greedy_takes_the_argmax_and_reports_its_logprob():
 def test_a_seeded_row_does_not_depend_on_its_neighbours():
     torch.manual_seed(0)
     logits = torch.randn(4, 1000)
-    settings = Settings(temperature=1.0)
+    settings = Sampling(temperature=1.0)
     alone = [int(choose_tokens(logits[2:3], [Row(settings, seed=5)])[0]) for _ in range(2)]
-    together = choose_tokens(logits[[0, 2, 3]], [Row(Settings()), Row(settings, seed=5), Row(settings, seed=9)])[0]
+    together = choose_tokens(logits[[0, 2, 3]], [Row(Sampling()), Row(settings, seed=5), Row(settings, seed=9)])[0]
     assert alone[0] == alone[1] == int(together[1])
 
 
 def test_samples_follow_the_softmax_at_the_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    settings = Settings(temperature=0.5)
+    settings = Sampling(temperature=0.5)
     rows = [Row(settings, seed=s) for s in range(4000)]
     tokens, _ = choose_tokens(logits.expand(len(rows), -1), rows)
     frequencies = torch.bincount(tokens, minlength=4) / len(rows)
@@ -47,17 +47,17 @@ def test_samples_follow_the_softmax_at_the_temperature():
 
 def test_top_k_and_top_p_keep_the_most_likely_tokens():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 3)
-    kept = top_k_top_p(logits, [Settings(top_k=2), Settings(top_p=0.01), Settings(top_k=3, top_p=0.9)])
+    kept = top_k_top_p(logits, [Sampling(top_k=2), Sampling(top_p=0.01), Sampling(top_k=3, top_p=0.9)])
     assert torch.isfinite(kept).tolist() == [[True, True, False, False], [True, False, False, False],
                                               [True, True, False, False]]
-    rows = [Row(Settings(temperature=5.0, top_k=1), seed=s) for s in range(20)]
+    rows = [Row(Sampling(temperature=5.0, top_k=1), seed=s) for s in range(20)]
     assert set(choose_tokens(logits[:1].expand(20, -1), rows)[0].tolist()) == {0}
 
 
 def test_repetition_penalty_applies_to_prompt_and_generated_tokens():
     logits = torch.tensor([[3.0, 2.5, 0.0]])
-    assert int(choose_tokens(logits, [Row(Settings(repetition_penalty=2.0), prompt_ids=[0])])[0]) == 1
-    assert int(choose_tokens(logits, [Row(Settings(repetition_penalty=2.0), prompt_ids=[0], token_ids=[1])])[0]) == 0
+    assert int(choose_tokens(logits, [Row(Sampling(repetition_penalty=2.0), prompt_ids=[0])])[0]) == 1
+    assert int(choose_tokens(logits, [Row(Sampling(repetition_penalty=2.0), prompt_ids=[0], token_ids=[1])])[0]) == 0
     # a negative logit is multiplied, so it falls further
     negative = torch.tensor([[-1.0, -1.2]])
-    assert int(choose_tokens(negative, [Row(Settings(repetition_penalty=2.0), token_ids=[0])])[0]) == 1
+    assert int(choose_tokens(negative, [Row(Sampling(repetition_penalty=2.0), token_ids=[0])])[0]) == 1

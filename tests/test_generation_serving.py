@@ -35,7 +35,7 @@ def test_text_generation_client_against_the_http_endpoint(tgi_served):
     from text_generation import Client
     from text_generation.errors import ValidationError
     server, stub = tgi_served
-    client = Client(server.http.url)
+    client = Client(server.service.http.url)
     greedy = stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(max_new_tokens=8)))
     reply = client.generate(PROMPT, max_new_tokens=8)
     assert reply.generated_text == greedy.completions[0].text
@@ -56,8 +56,8 @@ def test_text_generation_client_against_the_http_endpoint(tgi_served):
     with pytest.raises(ValidationError, match="typical_p"):
         client.generate(PROMPT, typical_p=0.5)
     import requests
-    assert requests.get(f"{server.http.url}/info", timeout=5).json()["model_id"] == greedy.model_version
-    assert requests.get(f"{server.http.url}/health", timeout=5).status_code == 200
+    assert requests.get(f"{server.service.http.url}/info", timeout=5).json()["model_id"] == greedy.model_version
+    assert requests.get(f"{server.service.http.url}/health", timeout=5).status_code == 200
 
 
 def test_http_endpoint_checks_bearer_tokens_and_the_tgi_backend_sends_one(ilf_env, monkeypatch, tmp_path):
@@ -71,16 +71,16 @@ def test_http_endpoint_checks_bearer_tokens_and_the_tgi_backend_sends_one(ilf_en
     monkeypatch.setenv("ILF_GENERATION_HTTP_PORT", "0")
     server = start_server()
     monkeypatch.setenv("ILF_GENERATION_BACKEND", "tgi")
-    monkeypatch.setenv("ILF_GENERATION_TGI_URL", server.http.url)
+    monkeypatch.setenv("ILF_GENERATION_TGI_URL", server.service.http.url)
     monkeypatch.delenv("ILF_GENERATION_HTTP_PORT")
     front = start_server()
     try:
         for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789abcdef"}, {"Authorization": token}):
             with pytest.raises(UnknownError, match="bearer token"):
-                Client(server.http.url, headers=headers).generate(PROMPT, max_new_tokens=2)
-            assert requests.get(f"{server.http.url}/info", headers=headers, timeout=5).status_code == 401
-        assert requests.get(f"{server.http.url}/health", timeout=5).status_code == 200  # probes need no token
-        authorized = Client(server.http.url, headers={"Authorization": f"Bearer {token}"})
+                Client(server.service.http.url, headers=headers).generate(PROMPT, max_new_tokens=2)
+            assert requests.get(f"{server.service.http.url}/info", headers=headers, timeout=5).status_code == 401
+        assert requests.get(f"{server.service.http.url}/health", timeout=5).status_code == 200  # probes need no token
+        authorized = Client(server.service.http.url, headers={"Authorization": f"Bearer {token}"})
         assert authorized.generate(PROMPT, max_new_tokens=2).details.generated_tokens == 2
         request = generation_pb2.GenerateRequest(prompt=PROMPT, params=params(max_new_tokens=4))
         assert stub_for(front).Generate(request).completions[0].text == stub_for(server).Generate(request).completions[0].text
@@ -91,7 +91,7 @@ def test_http_endpoint_checks_bearer_tokens_and_the_tgi_backend_sends_one(ilf_en
 def test_tgi_backend_through_another_generation_service(tgi_served, monkeypatch):
     server, stub = tgi_served
     monkeypatch.setenv("ILF_GENERATION_BACKEND", "tgi")
-    monkeypatch.setenv("ILF_GENERATION_TGI_URL", server.http.url)
+    monkeypatch.setenv("ILF_GENERATION_TGI_URL", server.service.http.url)
     monkeypatch.delenv("ILF_GENERATION_HTTP_PORT")
     front = start_server()
     try:
@@ -215,7 +215,7 @@ def test_service_runs_as_its_own_process(ilf_env, tmp_path):
     try:
         wait_healthy(f"127.0.0.1:{port}", timeout_s=120, service="ilf.v1.Generation")
         stub = generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{port}"))
-        reply = stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(n=2)))
+        reply = stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(n=2, temperature=0.8)))
         assert len(reply.completions) == 2 and reply.model_version.startswith("base-")
     finally:
         process.send_signal(signal.SIGTERM)

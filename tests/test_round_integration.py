@@ -97,7 +97,7 @@ def test_round_trains_evaluates_and_switches_to_the_new_version(system):
     assert store.get(f"{report['artifacts']}/pass_at_k.png")[:4] == b"\x89PNG"
     # the new version answers generation requests and names itself
     reply = clients.generation.Generate(generation_pb2.GenerateRequest(
-        prompt="def add(a, b):", params=common_pb2.SamplingParams(n=2, max_new_tokens=4)))
+        prompt="def add(a, b):", params=common_pb2.SamplingParams(n=2, temperature=0.8, max_new_tokens=4)))
     assert reply.model_version == candidate and len(reply.completions) == 2
 
 
@@ -181,7 +181,7 @@ def test_a_training_service_restart_mid_run_does_not_fail_the_round(system, capl
     (lambda c: c.generation.Generate(generation_pb2.GenerateRequest(
         prompt="", params=common_pb2.SamplingParams(n=1, max_new_tokens=4))), "INVALID_ARGUMENT", "prompt"),
     (lambda c: c.generation.Generate(generation_pb2.GenerateRequest(
-        prompt="def f():", params=common_pb2.SamplingParams(n=0, max_new_tokens=4))), "INVALID_ARGUMENT", "n"),
+        prompt="def f():", params=common_pb2.SamplingParams(n=2, max_new_tokens=4))), "INVALID_ARGUMENT", "n"),
     (lambda c: c.generation.SwitchModel(generation_pb2.SwitchModelRequest(model_version="v-unknown")),
      "NOT_FOUND", "v-unknown"),
     (lambda c: c.execution.Execute(execution_pb2.ExecuteRequest(

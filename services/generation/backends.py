@@ -11,14 +11,16 @@ from text_generation.errors import OverloadedError, ValidationError
 
 from ilf import config
 from ilf.auth import client_headers
-from ilf.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from ilf.errors import FailedPrecondition, InvalidArgument, InvalidField, ResourceExhausted, Unavailable
 from ilf.modeling import Sample, configure_torch
 from ilf.registry import Registry
+from ilf.sampling import Sampling
 
+from .config import GenerationConfig
 from .engine import Engine
 from .models import ModelManager, initial_version
 from .detokenize import cut_at_stop
-from .request import GenerationHandle, Settings, TokenEvent, validate
+from .request import GenerationHandle, TokenEvent, validate, validate_sampling
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,31 @@ class Backend(ABC):
     def start(self) -> None:
         """Gets ready to serve (may take minutes: loads the first model); raises if it cannot."""
 
-    def submit(self, prompt: str, settings: Settings, model_version: str = "") -> GenerationHandle:
+    def submit(self, prompt: str, settings: Sampling, model_version: str = "") -> GenerationHandle:
         """Starts a request; the one place requests are validated, whichever protocol brought them."""
         validate(prompt, settings)
         return self._submit(prompt, settings, model_version)
 
+    def submit_chat(self, messages: list[dict], settings: Sampling, model_version: str = "") -> GenerationHandle:
+        """Starts a chat request: messages are {"role", "content"} with text content."""
+        validate_sampling(settings)
+        if not messages:
+            raise InvalidField("messages", "is empty")
+        return self._submit_chat(messages, settings, model_version)
+
     @abstractmethod
-    def _submit(self, prompt: str, settings: Settings, model_version: str) -> GenerationHandle: ...
+    def _submit(self, prompt: str, settings: Sampling, model_version: str) -> GenerationHandle: ...
+
+    def _submit_chat(self, messages: list[dict], settings: Sampling, model_version: str) -> GenerationHandle:
+        """The model's chat template turns the messages into a prompt."""
+        return self._submit(self._chat_prompt(messages, model_version), settings, model_version)
+
+    def _chat_prompt(self, messages: list[dict], model_version: str) -> str:
+        raise FailedPrecondition(f"the {self.name} backend has no chat template; use the completions route")
+
+    def model_info(self) -> dict:
+        """What is known of the serving model: dtype, device_type, max_total_tokens (absent when unknown)."""
+        return {}
 
     @abstractmethod
     def load(self, version: str) -> dict: ...
@@ -102,6 +122,26 @@ class TransformersBackend(Backend):
     def _submit(self, prompt, settings, model_version):
         return self.engine.submit(self.models.resolve(model_version), prompt, settings)
 
+    def _chat_prompt(self, messages, model_version):
+        tokenizer = self.models.resolve(model_version).tokenizer
+        if not tokenizer.chat_template:
+            raise FailedPrecondition(f"model version {model_version or 'serving'} has no chat template; "
+                                     "use the completions route")
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The engine tokenizes with special tokens: a template that writes the BOS token would get it twice.
+        bos = tokenizer.bos_token
+        if bos and prompt.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+            prompt = prompt[len(bos):]
+        return prompt
+
+    def model_info(self):
+        try:
+            loaded = self.models.serving
+        except Unavailable:  # nothing loaded yet
+            return {}
+        return {"dtype": str(next(loaded.model.parameters()).dtype), "device_type": loaded.device.split(":")[0],
+                "max_total_tokens": getattr(loaded.model.config, "max_position_embeddings", None)}
+
     def load(self, version):
         self.models.load(version)
         return self.status()
@@ -138,12 +178,14 @@ class TgiBackend(Backend):
         self.url = url.rstrip("/")
         self.client = Client(self.url, headers=client_headers(), timeout=timeout_s)
         self.version = ""
+        self.info: dict = {}
 
     def start(self) -> None:
         import requests
         info = requests.get(f"{self.url}/info", headers=client_headers(), timeout=30)
         info.raise_for_status()
-        self.version = info.json().get("model_id", "") or self.url
+        self.info = info.json()
+        self.version = self.info.get("model_id", "") or self.url
 
     def _submit(self, prompt, settings, model_version):
         if not self.version:
@@ -157,7 +199,7 @@ class TgiBackend(Backend):
                              name=f"tgi-sample-{index}", daemon=True).start()
         return handle
 
-    def _stream_sample(self, handle: GenerationHandle, prompt: str, settings: Settings, index: int) -> None:
+    def _stream_sample(self, handle: GenerationHandle, prompt: str, settings: Sampling, index: int) -> None:
         sampling = settings.temperature > 0
         stream = self.client.generate_stream(
             prompt, do_sample=sampling, max_new_tokens=settings.max_new_tokens,
@@ -195,16 +237,21 @@ class TgiBackend(Backend):
 
     load = switch = rollback = _fixed
 
+    def model_info(self):
+        return {"dtype": self.info.get("model_dtype"), "device_type": self.info.get("model_device_type"),
+                "max_total_tokens": self.info.get("max_total_tokens")}
+
     def status(self):
         return {"serving_version": self.version, "loaded_versions": [self.version] if self.version else [],
                 "history": [], "last_swap_seconds": 0.0, "last_load_error": "", "loading_versions": [],
                 "backend": self.name}
 
 
-def make_backend(registry: Registry) -> Backend:
-    kind = config.get("ILF_GENERATION_BACKEND")
-    if kind == "transformers":
-        return TransformersBackend(registry)
-    if kind == "tgi":
-        return TgiBackend(config.get("ILF_GENERATION_TGI_URL"))
-    raise InvalidArgument(f"ILF_GENERATION_BACKEND must be transformers or tgi, got {kind!r}")
+def make_backend(registry: Registry, settings: GenerationConfig) -> Backend:
+    if settings.backend == "tgi":
+        return TgiBackend(settings.tgi_url)
+    if settings.backend == "openai":
+        from .openai_backend import OpenAIBackend
+        return OpenAIBackend(registry, settings.openai_url, token=settings.openai_token,
+                             adapter_dir=settings.openai_adapter_dir)
+    return TransformersBackend(registry)

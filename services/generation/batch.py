@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ilf.modeling import LoadedModel, eos_token_ids
+from ilf.sampling import Sampling
 
 from .detokenize import StreamDecoder
 from .kv_cache import KVCache, left_pad
-from .request import GenerationHandle, Settings
+from .request import GenerationHandle
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Row:
     """One sample being generated."""
     handle: GenerationHandle
     index: int
-    settings: Settings
+    settings: Sampling
     generator: torch.Generator
     prompt_ids: list[int]
     decoder: StreamDecoder
@@ -45,7 +46,7 @@ class Batch:
 
     @classmethod
     def prefill(cls, loaded: LoadedModel, input_ids: torch.Tensor, handle: GenerationHandle,
-                settings: Settings) -> "Batch":
+                settings: Sampling) -> "Batch":
         """Runs the prompt once and gives each of the request's n samples a row with its own generator."""
         cache = KVCache()
         output = loaded.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

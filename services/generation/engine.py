@@ -18,9 +18,10 @@ import torch
 
 from ilf.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ilf.modeling import LoadedModel, Sample
+from ilf.sampling import Sampling
 
 from .batch import Batch, Row
-from .request import GenerationHandle, Settings, TokenEvent
+from .request import GenerationHandle, TokenEvent
 from .sampler import choose_tokens
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class _Pending:
     handle: GenerationHandle
     loaded: LoadedModel
     input_ids: torch.Tensor
-    settings: Settings
+    settings: Sampling
 
 
 class Engine:
@@ -55,7 +56,7 @@ class Engine:
         return thread
 
     # public
-    def submit(self, loaded: LoadedModel, prompt: str, settings: Settings) -> GenerationHandle:
+    def submit(self, loaded: LoadedModel, prompt: str, settings: Sampling) -> GenerationHandle:
         """Queues a request whose settings passed request.validate (the backend checks them)."""
         if settings.n > self.max_rows:
             raise InvalidArgument(f"n must be at most {self.max_rows} (ILF_GENERATION_MAX_BATCH_ROWS), got {settings.n}")

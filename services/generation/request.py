@@ -1,7 +1,8 @@
-"""What a generation request asks for, its validation, and the handle its results stream through.
+"""A generation request's validation, and the handle its results stream through.
 
-Both backends (in-process transformers and remote TGI) and both protocols (gRPC and TGI HTTP)
-share these types, so a request is validated once and results look the same whichever path made them.
+Every backend (in-process transformers, remote TGI, remote OpenAI) and every protocol (gRPC, TGI HTTP,
+OpenAI HTTP) shares these, and ilf.sampling's defaults for unset fields, so a request is validated once and
+results look the same whichever path made them.
 """
 from __future__ import annotations
 
@@ -12,28 +13,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ilf import config
-from ilf.errors import IlfError, InvalidArgument
+from ilf.errors import IlfError, InvalidField
 from ilf.modeling import Sample
+from ilf.sampling import Sampling
 
 
 class GenerationCancelled(IlfError):
     code_name = "CANCELLED"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Sampling settings of one request, after defaults (0 means 'off' in the proto) are applied."""
-    n: int = 1
-    temperature: float = 0.0          # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0                    # 0: disabled
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    repetition_penalty: float = 1.0
-    seed: int | None = None           # sample i uses seed + i, so n=1 requests can reproduce any sample
-
-    def sample_seed(self, index: int) -> int | None:
-        return None if self.seed is None else self.seed + index
+MAX_STOP_SEQUENCES = 128   # the evaluation's own list has 56
 
 
 def max_n() -> int:
@@ -44,28 +33,39 @@ def max_new_tokens_limit() -> int:
     return int(config.get("ILF_GENERATION_MAX_NEW_TOKENS"))
 
 
-def validate(prompt: str, settings: Settings) -> Settings:
-    """Raises InvalidArgument naming the first bad field; returns settings unchanged."""
+def validate(prompt: str, sampling: Sampling) -> Sampling:
+    """Raises InvalidField naming the first bad field; returns sampling unchanged."""
     if not prompt:
-        raise InvalidArgument("prompt is empty")
-    if not 1 <= settings.n <= max_n():
-        raise InvalidArgument(f"n must be between 1 and {max_n()}, got {settings.n}")
-    if not 1 <= settings.max_new_tokens <= max_new_tokens_limit():
-        raise InvalidArgument(f"max_new_tokens must be between 1 and {max_new_tokens_limit()}, "
-                              f"got {settings.max_new_tokens}")
-    if not (math.isfinite(settings.temperature) and 0 <= settings.temperature <= 100):
-        raise InvalidArgument(f"temperature must be between 0 (greedy) and 100, got {settings.temperature}")
-    if not (math.isfinite(settings.top_p) and 0 < settings.top_p <= 1):
-        raise InvalidArgument(f"top_p must be in (0, 1] (0 in the proto means 1), got {settings.top_p}")
-    if settings.top_k < 0:
-        raise InvalidArgument(f"top_k must be 0 (disabled) or positive, got {settings.top_k}")
-    if not (math.isfinite(settings.repetition_penalty) and settings.repetition_penalty > 0):
-        raise InvalidArgument(f"repetition_penalty must be positive, got {settings.repetition_penalty}")
-    if any(not s for s in settings.stop):
-        raise InvalidArgument("stop sequences must not be empty strings")
-    if settings.seed is not None and not 0 <= settings.seed < 2 ** 63 - max_n():
-        raise InvalidArgument(f"seed must be between 0 and 2**63 - {max_n()}, got {settings.seed}")
-    return settings
+        raise InvalidField("prompt", "is empty")
+    return validate_sampling(sampling)
+
+
+def validate_sampling(sampling: Sampling) -> Sampling:
+    """Unset fields already took their defaults (ilf.sampling), so everything checked here was asked for."""
+    if not 1 <= sampling.n <= max_n():
+        raise InvalidField("n", f"must be between 1 and {max_n()} (ILF_GENERATION_MAX_N), got {sampling.n}")
+    if not 1 <= sampling.max_new_tokens <= max_new_tokens_limit():
+        raise InvalidField("max_new_tokens", f"must be between 1 and {max_new_tokens_limit()} "
+                           f"(ILF_GENERATION_MAX_NEW_TOKENS), got {sampling.max_new_tokens}")
+    if not (math.isfinite(sampling.temperature) and 0 <= sampling.temperature <= 100):
+        raise InvalidField("temperature", f"must be between 0 (greedy) and 100, got {sampling.temperature}")
+    if sampling.n > 1 and sampling.temperature == 0:
+        # Greedy decoding has one answer: n of them would be n identical completions.
+        raise InvalidField("n", f"must be 1 at temperature 0 (greedy decoding gives {sampling.n} identical "
+                           "completions); set a temperature above 0 to sample n different ones")
+    if not (math.isfinite(sampling.top_p) and 0 < sampling.top_p <= 1):
+        raise InvalidField("top_p", f"must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise InvalidField("top_k", f"must be 0 (disabled) or positive, got {sampling.top_k}")
+    if not (math.isfinite(sampling.repetition_penalty) and sampling.repetition_penalty > 0):
+        raise InvalidField("repetition_penalty", f"must be positive, got {sampling.repetition_penalty}")
+    if any(not s for s in sampling.stop):
+        raise InvalidField("stop", "sequences must not be empty strings")
+    if len(sampling.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidField("stop", f"may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(sampling.stop)}")
+    if sampling.seed is not None and not 0 <= sampling.seed < 2 ** 63 - max_n():
+        raise InvalidField("seed", f"must be between 0 and 2**63 - {max_n()}, got {sampling.seed}")
+    return sampling
 
 
 @dataclass

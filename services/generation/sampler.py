@@ -10,11 +10,11 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .request import Settings
+from ilf.sampling import Sampling
 
 
 class SamplingRow(Protocol):
-    settings: Settings
+    settings: Sampling
     generator: torch.Generator
     prompt_ids: list[int]
 
@@ -45,7 +45,7 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[to
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
-def top_k_top_p(scaled: torch.Tensor, settings: Sequence[Settings]) -> torch.Tensor:
+def top_k_top_p(scaled: torch.Tensor, settings: Sequence[Sampling]) -> torch.Tensor:
     """Sets to -inf every logit outside its row's top-k and top-p (the most likely token always stays)."""
     values, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(values.shape[1], device=values.device)

@@ -5,26 +5,21 @@ import logging
 
 from ilf.grpc_util import Server, Service, serve
 from ilf.registry import Registry
+from ilf.sampling import Sampling
 from ilf.store import open_store
 from ilf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from .backends import Backend, make_backend
 from .config import GenerationConfig
-from .request import Settings, TokenEvent
-from .tgi_http import TgiHttpServer
+from .http_server import HttpServer
+from .openai_http import OpenAIProtocol
+from .request import TokenEvent
+from .tgi_http import TgiProtocol
 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = {"length": common_pb2.FINISH_REASON_LENGTH, "eos": common_pb2.FINISH_REASON_EOS,
                   "stop": common_pb2.FINISH_REASON_STOP}
-
-
-def settings_from_proto(params: common_pb2.SamplingParams) -> Settings:
-    """Applies the proto's 'zero means default' rules; n and max_new_tokens have no default."""
-    return Settings(n=params.n, temperature=params.temperature, top_p=params.top_p or 1.0, top_k=params.top_k,
-                    max_new_tokens=params.max_new_tokens, stop=tuple(params.stop),
-                    repetition_penalty=params.repetition_penalty or 1.0,
-                    seed=params.seed if params.HasField("seed") else None)
 
 
 def completion_proto(sample, seed: int | None) -> common_pb2.Completion:
@@ -38,7 +33,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.backend = backend
 
     def _submit(self, request, context):
-        handle = self.backend.submit(request.prompt, settings_from_proto(request.params), request.model_version)
+        handle = self.backend.submit(request.prompt, Sampling.from_proto(request.params), request.model_version)
         context.add_callback(handle.cancel)   # a cancelled or timed-out call stops its rows
         return handle
 
@@ -72,12 +67,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 class GenerationService(Service):
-    """The gRPC servicer plus the optional TGI HTTP endpoint, both over one backend."""
+    """The gRPC servicer plus the optional HTTP endpoint (TGI and OpenAI routes), all over one backend."""
     names = ("ilf.v1.Generation",)
 
-    def __init__(self, backend: Backend, http_port: int | None):
+    def __init__(self, backend: Backend, http_port: int | None, *, bind_host: str = "127.0.0.1"):
         self.backend = backend
-        self.http = TgiHttpServer(backend, port=http_port) if http_port is not None else None
+        self.http = (HttpServer([TgiProtocol(backend), OpenAIProtocol(backend)], host=bind_host, port=http_port)
+                     if http_port is not None else None)
 
     def add_to(self, grpc_server) -> None:
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.backend), grpc_server)
@@ -100,7 +96,8 @@ def build_server(port: int | None = None, *, backend: Backend | None = None,
     """The server, not started; on start the first model loads in the background and health turns SERVING."""
     settings = settings or GenerationConfig.from_env()
     log.info("%s", settings.describe())
-    service = GenerationService(backend or make_backend(Registry(open_store())), settings.http_port)
+    service = GenerationService(backend or make_backend(Registry(open_store()), settings), settings.http_port,
+                                bind_host=settings.server.bind_host)
     return Server(service, settings.port if port is None else port, settings.server)
 
 
