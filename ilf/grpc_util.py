@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import socket
@@ -16,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ilf import auth, config, tls
+from ilf import auth, config, metrics, tls
 from ilf.errors import IlfError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,44 @@ def channel_options() -> list[tuple[str, int]]:
     """Larger messages are refused with RESOURCE_EXHAUSTED before any handler runs."""
     limit = int(config.get("ILF_GRPC_MAX_MESSAGE_BYTES"))
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+# Calls a client may safely send again when a replica goes away before answering: they read, or they write
+# what their content names (the same feedback is one record, the same tasks one task set).
+IDEMPOTENT_METHODS = {
+    "ilf.v1.Generation": ("Generate", "GenerateStream", "LoadModel", "GetModelStatus"),
+    "ilf.v1.Refinement": ("Refine", "GetModelStatus"),
+    "ilf.v1.Execution": ("Execute", "ExecuteBatch", "GetSandboxInfo"),
+    "ilf.v1.Training": ("GetRun", "WatchRun", "ListRuns"),
+    "ilf.v1.Feedback": ("SubmitFeedback", "GetFeedback", "ListFeedback", "ExportDataset", "ImportPaperAnnotations",
+                        "ImportTaskSet", "GetTaskSet", "ListTaskSets", "ListQueue"),
+    "grpc.health.v1.Health": ("Check",),
+}
+RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+# Per-call balancing: every replica behind the name (a headless Service's pod addresses) gets its share of
+# calls, instead of one long-lived HTTP/2 connection carrying all of them to one pod.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{"service": service, "method": method} for service, names in IDEMPOTENT_METHODS.items()
+                               for method in names],
+                      "retryPolicy": RETRY_POLICY}],
+}
+# Target schemes gRPC resolves itself; any other address is a host:port for the DNS resolver.
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def client_target(address: str) -> str:
+    """`host:port` as `dns:///host:port`, which re-resolves the name to all its addresses; schemes stay."""
+    return address if address.startswith(_SCHEMES) else f"dns:///{address}"
+
+
+def client_options() -> list[tuple[str, int | str]]:
+    """What every caller dials with: message limits, round_robin and retries of idempotent calls."""
+    limit = int(config.get("ILF_GRPC_MAX_MESSAGE_BYTES"))
+    # A call is retried only while its request fits the retry buffer; ours may be as large as a message.
+    return [*channel_options(), ("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1),
+            ("grpc.per_rpc_retry_buffer_size", limit)]
 
 
 def _abort(context: grpc.ServicerContext, error: Exception):
@@ -100,6 +139,8 @@ class ServerConfig(config.Section):
     max_probe_streams: int = config.setting("ILF_GRPC_MAX_PROBE_STREAMS")
     max_probe_streams_per_peer: int = config.setting("ILF_GRPC_MAX_PROBE_STREAMS_PER_PEER")
     drain_s: float = config.setting("ILF_GRPC_DRAIN_S")
+    max_connection_age_s: float = config.setting("ILF_GRPC_MAX_CONNECTION_AGE_S")
+    metrics_port: int | None = config.setting("ILF_METRICS_PORT")
 
 
 # Health checking and reflection need no token, so without a bound of their own a stranger's open Health.Watch
@@ -108,7 +149,7 @@ PROBE_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
 
 
 class ProbeLimit(grpc.ServerInterceptor):
-    """Bounds concurrent health and reflection calls, in all and per peer; beyond it they get RESOURCE_EXHAUSTED.
+    """Bounds concurrent health and reflection streams, in all and per peer; beyond it they get RESOURCE_EXHAUSTED.
 
     The server has that many threads more than `workers`, so probes never take capacity from real calls."""
 
@@ -126,7 +167,7 @@ class ProbeLimit(grpc.ServerInterceptor):
                 self.active[peer] = self.active.get(peer, 0) + 1
         if not admitted:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"too many health or reflection calls (at most {self.total} in all and {self.per_peer} "
+                          f"too many health or reflection streams (at most {self.total} in all and {self.per_peer} "
                           "per peer: ILF_GRPC_MAX_PROBE_STREAMS, ILF_GRPC_MAX_PROBE_STREAMS_PER_PEER)")
         try:
             yield
@@ -140,18 +181,17 @@ class ProbeLimit(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.lstrip("/").startswith(PROBE_SERVICES):
             return handler
-        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+        # Only streams can hold a thread for long; a unary Check is answered at once.
+        kind = "unary_stream" if handler.unary_stream else "stream_stream" if handler.stream_stream else None
+        if kind is None:
+            return handler
         inner = getattr(handler, kind)
 
         def stream(request, context):
             with self._slot(context):
                 yield from inner(request, context)
-
-        def unary(request, context):
-            with self._slot(context):
-                return inner(request, context)
-        return getattr(grpc, f"{kind}_rpc_method_handler")(stream if kind.endswith("_stream") else unary,
-                                                           handler.request_deserializer, handler.response_serializer)
+        return getattr(grpc, f"{kind}_rpc_method_handler")(stream, handler.request_deserializer,
+                                                           handler.response_serializer)
 
 
 class Service:
@@ -175,8 +215,8 @@ class Service:
 
 
 class Server:
-    """A gRPC server with health checking, reflection, authentication, TLS, the error interceptor and the probe
-    limit, around one Service."""
+    """A gRPC server with health checking, reflection, authentication, TLS, metrics, the error interceptor and the
+    probe limit, around one Service."""
 
     def __init__(self, service: Service, port: int, settings: ServerConfig | None = None, *,
                  interceptors: Iterable[grpc.ServerInterceptor] = ()):
@@ -190,9 +230,10 @@ class Server:
         probes = ProbeLimit(self.settings.max_probe_streams, self.settings.max_probe_streams_per_peer)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.settings.workers + self.settings.max_probe_streams),
-            interceptors=[probes, *authenticate, *interceptors, ErrorInterceptor()],
+            interceptors=[metrics.MetricsInterceptor(), probes, *authenticate, *interceptors, ErrorInterceptor()],
             # Without SO_REUSEPORT a second server on a taken port fails instead of silently sharing it.
-            options=[*channel_options(), ("grpc.so_reuseport", 0)])
+            options=[*channel_options(), ("grpc.so_reuseport", 0),
+                     ("grpc.max_connection_age_ms", int(self.settings.max_connection_age_s * 1000))])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection([*self.service_names, *PROBE_SERVICES], self.grpc_server)
@@ -206,6 +247,7 @@ class Server:
         service.add_to(self.grpc_server)
         self.set_serving(False)
         self.ready = threading.Event()
+        self.metrics_port: int | None = None   # set by start() when ILF_METRICS_PORT is
         self.load_failed: BaseException | None = None
         self._ended = threading.Event()   # loaded or failed
 
@@ -215,6 +257,8 @@ class Server:
             self.health.set(name, status)
 
     def start(self) -> None:
+        if self.settings.metrics_port is not None:
+            self.metrics_port = metrics.serve_http(self.settings.metrics_port, self.settings.bind_host)
         self.grpc_server.start()
         log.info("listening on %s:%d (%s) for %s", self.settings.bind_host, self.port, self.security,
                  ", ".join(self.service_names))
@@ -222,6 +266,7 @@ class Server:
 
     def _load(self) -> None:
         started = time.monotonic()
+        log.info("loading")
         try:
             loaded = self.service.load()
         except Exception as error:  # noqa: BLE001 - one line says why; run_until_signal exits non-zero
@@ -269,10 +314,12 @@ def serve(build: Callable[[], Server]) -> None:
 
 
 def channel(address: str) -> grpc.Channel:
-    """A channel with the TLS and bearer token the settings give (ILF_TLS_*, ILF_AUTH_TOKEN)."""
+    """The one way callers dial a service: TLS and bearer token as the settings give (ILF_TLS_*, ILF_AUTH_TOKEN),
+    the name resolved to every replica, calls balanced round-robin and idempotent ones retried (client_options)."""
     credentials = tls.channel_credentials()
-    plain = (grpc.secure_channel(address, credentials, options=channel_options()) if credentials
-             else grpc.insecure_channel(address, options=channel_options()))
+    target, options = client_target(address), client_options()
+    plain = (grpc.secure_channel(target, credentials, options=options) if credentials
+             else grpc.insecure_channel(target, options=options))
     return auth.client_channel(plain)
 
 
@@ -301,4 +348,5 @@ def free_port() -> int:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """INFO lines on stderr; `force`, because `ilf serve` has already set up quieter logging for its own use."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)

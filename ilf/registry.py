@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ilf.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ilf.store import ArtifactStore
@@ -57,9 +58,13 @@ class Registry:
         self.store = store
 
     # versions
-    def ensure_base(self, source: str) -> ModelVersion:
+    def ensure_base(self, source: str, check: Callable[[str], object] | None = None) -> ModelVersion:
+        """The base version of a source, registered first if needed; `check` (which raises when the source cannot
+        be loaded) runs before registering, so a model that never loaded is never listed."""
         version = base_version_id(source)
         if not self.store.exists(f"models/{version}/MANIFEST.json"):
+            if check:
+                check(source)
             record = ModelVersion(version=version, kind="base", source=source)
             try:
                 self.store.put_json(f"models/{version}/MANIFEST.json",
@@ -134,6 +139,34 @@ class Registry:
         previous = pointer["history"][-1]
         updated = {"version": previous, "history": pointer["history"][:-1], "updated_at": time.time(),
                    "by": by or _whoami(), "reason": f"rollback from {pointer['version']}"}
+        self.store.put_json(f"serving/{channel}.json", updated, overwrite=True)
+        self._log_event(channel, updated)
+        return updated
+
+    def start_canary(self, channel: str, version: str, share: float, *, by: str | None = None) -> dict:
+        """Keeps the serving version and names a candidate for `share` of new requests; the next promote or
+        rollback of the channel ends the canary, and so does end_canary."""
+        self.get(version)
+        if not 0 < share < 1:
+            raise InvalidArgument(f"a canary share must be between 0 and 1 (exclusive), got {share}")
+        pointer = self.serving(channel)
+        if not pointer:
+            raise FailedPrecondition(f"channel {channel!r} serves nothing yet: promote a first version")
+        if pointer["version"] == version:
+            raise FailedPrecondition(f"channel {channel!r} already serves {version}")
+        updated = {**pointer, "canary": {"version": version, "share": share}, "updated_at": time.time(),
+                   "by": by or _whoami(), "reason": f"canary {version} at {share:.0%}"}
+        self.store.put_json(f"serving/{channel}.json", updated, overwrite=True)
+        self._log_event(channel, updated)
+        return updated
+
+    def end_canary(self, channel: str, *, reason: str, by: str | None = None) -> dict:
+        """Every request goes to the serving version again."""
+        pointer = self.serving(channel)
+        if not pointer or "canary" not in pointer:
+            raise FailedPrecondition(f"channel {channel!r} runs no canary")
+        updated = {k: v for k, v in pointer.items() if k != "canary"}
+        updated.update(updated_at=time.time(), by=by or _whoami(), reason=reason)
         self.store.put_json(f"serving/{channel}.json", updated, overwrite=True)
         self._log_event(channel, updated)
         return updated

@@ -12,13 +12,14 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
-from ilf import config
+from ilf.config import Section, setting
 from ilf.errors import InvalidArgument
 from services.execution.checks import (
     MAX_RESULT_ITEMS, EvaluationLimit, HoleError, Meter, NotATest, ResultTooLarge, TestPlan, Unsupported,
     decode_hole, names_bound_by, plan_test)
+from services.execution.compare import compared
 from services.execution.isolation import MAX_RESULT_BYTES, Isolation, Layer, Limits
 from services.execution.pool import WorkerFailed, WorkerPool
 
@@ -67,36 +68,28 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class Settings:
-    workers: int
-    default_timeout_s: float
-    max_timeout_s: float
-    default_memory_mb: int
-    max_memory_mb: int
-    max_program_bytes: int
-    max_tests: int
-    max_batch: int
-    scratch_mb: int
-    max_processes: int
-    max_open_files: int
-    max_file_mb: int
-    max_output_bytes: int
-    require_sandbox: bool
-    batch_memory_mb: int
+class Settings(Section):
+    """The execution service's settings, parsed once at start-up (limits and defaults of every execution)."""
+    LABEL: ClassVar[str] = "execution"
+    workers: int = setting("ILF_EXECUTION_WORKERS")          # 0: one per CPU
+    default_timeout_s: float = setting("ILF_EXECUTION_TIMEOUT_S")
+    max_timeout_s: float = setting("ILF_EXECUTION_MAX_TIMEOUT_S")
+    default_memory_mb: int = setting("ILF_EXECUTION_MEMORY_MB")
+    max_memory_mb: int = setting("ILF_EXECUTION_MAX_MEMORY_MB")
+    max_program_bytes: int = setting("ILF_EXECUTION_MAX_PROGRAM_BYTES")
+    max_tests: int = setting("ILF_EXECUTION_MAX_TESTS")
+    max_batch: int = setting("ILF_EXECUTION_MAX_BATCH")
+    scratch_mb: int = setting("ILF_EXECUTION_SCRATCH_MB")
+    max_processes: int = setting("ILF_EXECUTION_MAX_PROCESSES")
+    max_open_files: int = setting("ILF_EXECUTION_MAX_OPEN_FILES")
+    max_file_mb: int = setting("ILF_EXECUTION_MAX_FILE_MB")
+    max_output_bytes: int = setting("ILF_EXECUTION_MAX_OUTPUT_BYTES")
+    require_sandbox: bool = setting("ILF_EXECUTION_REQUIRE_SANDBOX")
+    batch_memory_mb: int = setting("ILF_EXECUTION_BATCH_MEMORY_MB")
 
-    @classmethod
-    def from_env(cls) -> "Settings":
-        def number(name: str, kind=int):
-            return kind(config.get(f"ILF_EXECUTION_{name}"))
-        return cls(
-            workers=number("WORKERS") or os.cpu_count() or 1,
-            default_timeout_s=number("TIMEOUT_S", float), max_timeout_s=number("MAX_TIMEOUT_S", float),
-            default_memory_mb=number("MEMORY_MB"), max_memory_mb=number("MAX_MEMORY_MB"),
-            max_program_bytes=number("MAX_PROGRAM_BYTES"), max_tests=number("MAX_TESTS"),
-            max_batch=number("MAX_BATCH"), scratch_mb=number("SCRATCH_MB"),
-            max_processes=number("MAX_PROCESSES"), max_open_files=number("MAX_OPEN_FILES"),
-            max_file_mb=number("MAX_FILE_MB"), max_output_bytes=number("MAX_OUTPUT_BYTES"),
-            require_sandbox=config.get("ILF_EXECUTION_REQUIRE_SANDBOX"), batch_memory_mb=number("BATCH_MEMORY_MB"))
+    def __post_init__(self):
+        if not self.workers:
+            object.__setattr__(self, "workers", os.cpu_count() or 1)
 
     @property
     def batch_window(self) -> int:
@@ -255,9 +248,10 @@ class Batch:
                     jobs = [self.submitted.pop(future) for future in taken]
                     while self.waiting and len(self.submitted) < self.window and not self.cancelled:
                         self._submit(self.waiting.popleft())
-                outcomes = [_outcome(job, future) for job, future in zip(jobs, taken)]
-                del jobs, taken  # the replies go with their futures: only the outcomes are left to send
-                yield from _chunks(outcomes)
+                chunks = _chunks([_outcome(job, future) for job, future in zip(jobs, taken)])
+                del jobs, taken  # the replies go with their futures
+                while chunks:
+                    yield chunks.pop(0)  # and each outcome with the chunk the caller was given
         finally:
             self.cancel()  # the caller stopped early: drop what has not started
 
@@ -266,18 +260,17 @@ class Batch:
 MAX_CHUNK_BYTES = 8 << 20
 
 
-def _chunks(outcomes: list[Outcome]) -> Iterator[list[Outcome]]:
-    chunk, size = [], 0
+def _chunks(outcomes: list[Outcome]) -> list[list[Outcome]]:
+    chunks, size = [[]], 0
     for outcome in outcomes:
         weight = len(outcome.stdout) + len(outcome.stderr) + sum(
             len(t.error_type) + len(t.error_message) + 64 for t in outcome.tests)
-        if chunk and size + weight > MAX_CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(outcome)
+        if chunks[-1] and size + weight > MAX_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(outcome)
         size += weight
-    if chunk:
-        yield chunk
+    return chunks
 
 
 def _outcome(job: _Job, future: Future) -> Outcome:
@@ -372,7 +365,8 @@ def _judge(plan: TestPlan, values: list, index: int, duration: float, meter: Met
         return error(type(raised).__name__, str(raised))
     if passed:
         return TestOutcome(index, Verdict.PASSED, duration_s=duration)
-    return TestOutcome(index, Verdict.FAILED, "AssertionError", "", duration)
+    actual, expected = compared(plan.source, [hole.source for hole in plan.holes], decoded)
+    return TestOutcome(index, Verdict.FAILED, "AssertionError", "", duration, actual, expected)
 
 
 def _missing_reason(reply: dict, load_error: list[str] | None) -> tuple:

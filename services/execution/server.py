@@ -9,8 +9,10 @@ from google.protobuf.message import DecodeError
 from ilf import config
 from ilf.errors import InvalidArgument
 from ilf.grpc_util import Server, Service, serve
+from ilf.metrics import track
 from ilf.v1 import execution_pb2, execution_pb2_grpc
-from services.execution.executor import Executor, Outcome, Program, Verdict
+from services.execution import metrics
+from services.execution.executor import Executor, Outcome, Program, Settings, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ def to_program(request: execution_pb2.ExecuteRequest) -> Program:
 
 
 def to_response(outcome: Outcome) -> execution_pb2.ExecuteResponse:
+    metrics.record(outcome)   # every outcome the service sends passes here, from Execute and ExecuteBatch
     return execution_pb2.ExecuteResponse(
         request_id=outcome.request_id, passed=outcome.passed, duration_s=outcome.duration_s,
         stdout=outcome.stdout, stderr=outcome.stderr, output_truncated=outcome.output_truncated,
@@ -100,9 +103,10 @@ class ExecutionService(Service):
     """The servicer over an executor; closes the executor on stop when it made it."""
     names = (SERVICE_NAME,)
 
-    def __init__(self, executor: Executor | None = None):
-        self.owns_executor = executor is None
-        self.executor = executor or Executor()
+    def __init__(self, executor: Executor, owns_executor: bool = True):
+        self.owns_executor = owns_executor
+        self.executor = executor
+        track(self.executor, metrics.EXECUTORS)
 
     def add_to(self, grpc_server) -> None:
         add_servicer(ExecutionServicer(self.executor), grpc_server)
@@ -122,7 +126,11 @@ class ExecutionService(Service):
 def build_server(port: int | None = None, executor: Executor | None = None) -> Server:
     """A server, not started; its sandbox workers are already running."""
     port = config.get("ILF_EXECUTION_PORT") if port is None else port
-    return Server(ExecutionService(executor), port)
+    if executor is None:
+        settings = Settings.from_env()
+        log.info("%s", settings.describe())
+        return Server(ExecutionService(Executor(settings)), port)
+    return Server(ExecutionService(executor, owns_executor=False), port)
 
 
 def main(argv=None) -> None:

@@ -9,7 +9,7 @@ import grpc
 
 from ilf import prompts, tasksets
 from ilf.errors import InvalidArgument, NotFound, Unavailable, upstream_error
-from ilf.registry import Registry
+from ilf.registry import Registry, base_version_id
 from ilf.sampling import Sampling
 from ilf.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.refinement.config import RefinementConfig
@@ -67,8 +67,10 @@ class Refiner:
         self.version: str | None = None
 
     def start_version(self) -> str:
+        """ILF_REFINEMENT_MODEL, else the channel's serving pointer, else the base model's id (the generation service
+        registers the base once it has loaded it)."""
         return (self.settings.start_model or self.registry.serving_version(CHANNEL)
-                or self.registry.ensure_base(self.settings.base_model).version)
+                or base_version_id(self.settings.base_model))
 
     def _load(self, version: str) -> None:
         try:
@@ -85,6 +87,17 @@ class Refiner:
             self.registry.promote(CHANNEL, version)
         log.info("refinement model is now %s", version)
         return version
+
+    def follow(self, pointer: dict) -> None:
+        """Refines with the version the channel's serving pointer names (loaded first, so a failure changes nothing)."""
+        if pointer["version"] != self.version:
+            self._load(pointer["version"])
+            self.version = pointer["version"]
+            log.info("refinement model is now %s (the serving pointer moved)", self.version)
+
+    def describe(self) -> dict:
+        """What this replica refines with, for its fleet report."""
+        return {"serving_version": self.version or "", "loaded_versions": [self.version] if self.version else []}
 
     def refine(self, task: TaskSpec, failing_program: str, feedback: str,
                sampling: Sampling) -> tuple[list[RefinedProgram], str, str]:

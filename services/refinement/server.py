@@ -4,14 +4,15 @@ from __future__ import annotations
 import logging
 import time
 
-from ilf.errors import Unavailable
+from ilf.errors import NotFound, Unavailable
+from ilf.fleet import PointerFollower
 from ilf.grpc_util import Server, Service, channel, serve
-from ilf.registry import Registry
+from ilf.registry import Registry, base_version_id
 from ilf.sampling import Sampling
 from ilf.store import open_store
 from ilf.v1 import generation_pb2_grpc, refinement_pb2, refinement_pb2_grpc
 from services.refinement.config import RefinementConfig
-from services.refinement.refiner import Refiner, TaskSpec
+from services.refinement.refiner import CHANNEL, Refiner, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class RefinementService(Service):
         self.settings = settings
         generation = generation_pb2_grpc.GenerationStub(channel(settings.generation_addr))
         self.refiner = Refiner(Registry(open_store()), generation, settings)
+        self.follower = PointerFollower(self.refiner.registry, CHANNEL, self.refiner.follow, settings.serving_poll_s,
+                                        describe=self.refiner.describe)
 
     def add_to(self, grpc_server) -> None:
         refinement_pb2_grpc.add_RefinementServicer_to_server(RefinementServicer(self.refiner), grpc_server)
@@ -54,10 +57,20 @@ class RefinementService(Service):
         while True:
             try:
                 self.refiner.switch(version)
+                self.follower.start(self.refiner.registry.serving(CHANNEL), lambda pointer: None)
                 return f"pi_Refine {version}"
             except Unavailable as error:
                 log.info("waiting for the generation service: %s", error)
                 time.sleep(2)
+            except NotFound:
+                if version != base_version_id(self.settings.base_model):
+                    raise
+                log.info("waiting for the generation service to load and register the base model %s", version)
+                time.sleep(2)
+
+
+    def close(self) -> None:
+        self.follower.stop()
 
 
 def build_server(port: int | None = None, settings: RefinementConfig | None = None) -> Server:
