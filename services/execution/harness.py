@@ -32,6 +32,7 @@ PRELOADED_MODULES = ("re", "math", "heapq", "itertools", "functools", "bisect", 
 DICT_TYPES = (dict, collections.Counter, collections.OrderedDict, collections.defaultdict)
 PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
 COLLECTION_TAGS = {list: "l", tuple: "t", set: "S", frozenset: "Z"}
+KEYS_VIEW = type({}.keys())
 LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once: every child calls prctl
 
 
@@ -96,6 +97,8 @@ def encode(value, budget, depth=0):
         return [COLLECTION_TAGS[kind], [encode(item, budget, depth + 1) for item in list(value)]]
     if kind in DICT_TYPES:
         return ["d", [[encode(k, budget, depth + 1), encode(v, budget, depth + 1)] for k, v in list(value.items())]]
+    if kind is KEYS_VIEW:  # compares like the set of its keys
+        return ["S", [encode(item, budget, depth + 1) for item in list(value)]]
     raise TypeError(f"a {kind.__name__} object is not plain data the service can compare (only None, bool, "
                     "int, float, complex, str, bytes, list, tuple, set, frozenset and dict, exact types; a lazy "
                     "value only where the test consumes it, as in all(), sorted() or a comprehension)")

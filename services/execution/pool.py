@@ -46,10 +46,18 @@ class Worker:
 
     def __init__(self, isolation: Isolation, max_memory_mb: int):
         self.isolation = isolation
+        self.uid = isolation.uids.acquire() if isolation.uids else None
         self.cgroups = self._make_cgroups(max_memory_mb)
-        self.process = subprocess.Popen(
-            isolation.worker_command(self.cgroups), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=SANDBOX_ENV, cwd="/", start_new_session=True)
+        try:
+            self.process = subprocess.Popen(
+                isolation.worker_command(self.cgroups, self.uid), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, env=SANDBOX_ENV, cwd="/", start_new_session=True)
+        except OSError:
+            for group in self.cgroups:
+                _remove_cgroup(group)
+            if self.uid is not None:
+                isolation.uids.release(self.uid)
+            raise
         self.pipe_bytes = _widen_pipe(self.process.stdin.fileno())
         try:
             hello = self._read(time.monotonic() + START_TIMEOUT_S)
@@ -144,6 +152,9 @@ class Worker:
                 pass
         for group in self.cgroups:
             _remove_cgroup(group)
+        if self.uid is not None:  # its processes are gone with the cgroups: the next worker may have the uid
+            self.isolation.uids.release(self.uid)
+            self.uid = None
         scratch = getattr(self, "fallback_scratch", None)
         if scratch:
             import shutil
