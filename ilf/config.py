@@ -159,7 +159,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_MODEL_CACHE", "{ILF_CACHE}/models", "Local cache of converted and downloaded model files.", PATH),
     Setting("ILF_DATA_DIR", "", "Folder holding mbpp.jsonl and surge_annotations.jsonl; empty: download them.", PATH),
     Setting("ILF_BASE_MODEL", "embedded:smollm2-135m-instruct",
-            "Base model source: embedded:smollm2-135m-instruct, a Hugging Face id, or a local folder."),
+            "Base model source: embedded:smollm2-135m-instruct, a Hugging Face id, or a local folder. Used when the "
+            "store's serving pointer is empty: on an existing store the pointer wins (logged at start); switch with "
+            "`ilf promote VERSION`, pin with ILF_GENERATION_MODEL, or start on a new ILF_STORE."),
     Setting("ILF_GENERATION_MODEL", "",
             "Model version the generation service serves at start; empty: the serving pointer, else the base model."),
     Setting("ILF_REFINEMENT_MODEL", "",
