@@ -149,7 +149,9 @@ def cmd_models(args) -> int:
     registry = Registry(store)
     if args.action == "show" and not args.version:
         raise UsageError("ilf models show needs a VERSION (see `ilf models list`)")
-    if args.action == "list":
+    if args.action == "status":
+        print_fleet_status(registry)
+    elif args.action == "list":
         serving = {ch: registry.serving_version(ch) for ch in ("generation", "refinement")}
         versions = registry.list()
         if not versions:
@@ -172,17 +174,63 @@ def cmd_models(args) -> int:
     return 0
 
 
+def print_fleet_status(registry) -> None:
+    """Each channel's serving pointer, and what every replica that reported in the last hour serves."""
+    from ilf.fleet import read_reports
+    from loop.fleet import CHANNELS
+    now = time.time()
+    for channel in CHANNELS:
+        pointer = registry.serving(channel)
+        if not pointer:
+            print(f"{channel}: serves nothing yet")
+            continue
+        canary = pointer.get("canary")
+        print(f"{channel}: pointer at {pointer['version']}" + (f", canary {canary['version']} at {canary['share']:.0%}"
+                                                               if canary else "")
+              + f" (since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(pointer['updated_at']))} UTC, "
+                f"{pointer.get('reason') or 'by ' + pointer.get('by', '?')})")
+        reports = [r for r in read_reports(registry, channel) if now - r.updated_at < 3600]
+        if not reports:
+            print("  no replica has reported in the last hour")
+        for r in reports:
+            state = "stopped" if r.stopped else "live" if r.alive(now) else "gone"
+            canary_part = f" canary {r.canary_version} ({r.canary_share:.0%})" if r.canary_version else ""
+            print(f"  {r.replica:40s} {state:7s} serving {r.serving_version}{canary_part}  "
+                  f"loaded: {', '.join(r.loaded_versions) or '-'}  reported {now - r.updated_at:.0f} s ago"
+                  + (f"\n    error: {r.error}" if r.error else ""))
+
+
 def cmd_promote(args) -> int:
-    """Hot-swaps the generation service to a version (or back to the previous one)."""
+    """Moves a channel's serving pointer (to a version, back, or through a canary) and waits for every replica."""
+    from ilf.registry import Registry
+    from ilf.store import open_store
+    from loop import fleet
+    registry = Registry(open_store())
+    if args.canary is not None:
+        return _canary(args, registry)
+    promotion = (fleet.promote(registry, args.channel, args.version, args.deadline) if args.version
+                 else fleet.rollback(registry, args.channel, args.deadline))
+    print(f"{args.channel}: {promotion.wait.describe(f'serve {promotion.version}')}")
+    if promotion.restored:
+        print(f"no replica could load {promotion.version}: the pointer is back on {promotion.restored}")
+    return 0 if promotion.ok or not promotion.wait.replicas else 1
+
+
+def _canary(args, registry) -> int:
+    from loop import fleet
     from loop.clients import Clients
-    from ilf.v1 import generation_pb2
-    clients = Clients.connect()
-    if args.version:
-        status = clients.generation.SwitchModel(generation_pb2.SwitchModelRequest(model_version=args.version))
-    else:
-        status = clients.generation.Rollback(generation_pb2.RollbackRequest())
-    print(f"serving {status.serving_version}")
-    return 0
+    if args.channel != "generation" or not args.version:
+        raise UsageError("a canary (--canary SHARE) promotes a VERSION on the generation channel")
+    settings = _round_settings(args)
+    result = fleet.canary(Clients.connect(), registry, args.version, args.canary, settings, margin=args.margin,
+                          deadline_s=args.deadline)
+    print(f"canary {args.version} at {args.canary:.0%} next to {result.serving_version}: "
+          f"{result.started.describe('routed it')}")
+    print(f"{'promoted' if result.promoted else 'rolled back'}: {result.reason}")
+    if result.ended:
+        goal = f"serve {args.version}" if result.promoted else f"serve only {result.serving_version}"
+        print(f"generation: {result.ended.describe(goal)}")
+    return 0 if result.promoted else 1
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -234,6 +282,34 @@ def one_line(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _add_promote_parsers(sub) -> None:
+    from loop.fleet import CHANNELS
+    from loop.settings import RoundSettings
+    d = RoundSettings()
+    promote = sub.add_parser("promote", help="serve a model version on every replica (or try it as a canary first)")
+    promote.add_argument("version")
+    promote.add_argument("--canary", type=float, default=None, metavar="SHARE",
+                         help="serve VERSION to this share of new requests while pass@1 of both versions is measured, "
+                              "then promote it or roll it back on the measurement")
+    promote.add_argument("--margin", type=float, default=d.promote_margin,
+                         help="a canary is promoted when its pass@1 is at most this much below the serving version's")
+    promote.add_argument("--task-set", default=d.task_set, help="the canary's held-out tasks come from this task set")
+    promote.add_argument("--eval-split", choices=("test", "dev"), default="dev",
+                         help="the canary's held-out split (dev: tasks never trained on, MBPP_Test left alone)")
+    promote.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="held-out tasks the canary measures on")
+    promote.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples per task and version")
+    promote.add_argument("--eval-temperature", type=float, default=d.eval_temperature)
+    promote.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    promote.add_argument("--concurrency", type=int, default=d.concurrency)
+    rollback = sub.add_parser("rollback", help="serve the previous version again on every replica")
+    rollback.set_defaults(version="", canary=None)
+    for command in (promote, rollback):
+        command.add_argument("--channel", choices=CHANNELS, default="generation")
+        command.add_argument("--deadline", type=float, default=600.0,
+                             help="seconds to wait for every replica before saying which did not follow")
+        command.set_defaults(func=cmd_promote)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="ilf", description=__doc__)
@@ -264,16 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     retrain.add_argument("--max-wait-seconds", type=float, default=None, help="stop after this long without a round")
     retrain.set_defaults(func=cmd_retrain)
     sub.add_parser("up", help="start the services locally until Ctrl-C").set_defaults(func=cmd_up)
-    models = sub.add_parser("models", help="the model registry")
-    models.add_argument("action", choices=("list", "show", "history"))
+    models = sub.add_parser("models", help="the model registry; status: what every replica serves")
+    models.add_argument("action", choices=("list", "show", "history", "status"))
     models.add_argument("version", nargs="?")
     models.add_argument("--channel", default="generation")
     models.set_defaults(func=cmd_models)
-    promote = sub.add_parser("promote", help="switch the generation service to a model version")
-    promote.add_argument("version")
-    promote.set_defaults(func=cmd_promote)
-    rollback = sub.add_parser("rollback", help="switch the generation service back to its previous version")
-    rollback.set_defaults(func=cmd_promote, version="")
+    _add_promote_parsers(sub)
     settings = sub.add_parser("config", help="every setting with the value in effect and where it came from")
     settings.add_argument("--defaults", action="store_true", help="the reference: kinds, defaults and meanings")
     settings.set_defaults(func=cmd_config)

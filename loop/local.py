@@ -17,10 +17,11 @@ class LocalServices:
     """Context manager: each service in its own process, logs under log_dir, stopped on exit."""
 
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None, ports: dict[str, int] | None = None,
-                 startup_timeout_s: float = 600.0):
+                 startup_timeout_s: float = 600.0, metrics_ports: dict[str, int] | None = None):
         self.log_dir = Path(log_dir)
         self.env = {**os.environ, **(env or {})}
         self.ports = ports or {name: int(config.get(f"ILF_{name.upper()}_PORT")) for name in SERVICES}
+        self.metrics_ports = metrics_ports or {}   # each process has its own /metrics port (ILF_METRICS_PORT)
         self.startup_timeout_s = startup_timeout_s
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -33,6 +34,8 @@ class LocalServices:
         for service, port in self.ports.items():
             env[f"ILF_{service.upper()}_PORT"] = str(port)
             env[f"ILF_{service.upper()}_ADDR"] = self.addresses[service]
+        if name in self.metrics_ports:
+            env["ILF_METRICS_PORT"] = str(self.metrics_ports[name])
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ilf import data, tasksets
 from ilf.errors import AlreadyExists, InvalidArgument, NotFound
 from ilf.store import ArtifactStore
+from services.feedback import metrics
 
 SCHEMA_VERSION = 1
 RECORDS_PREFIX = "feedback/records/"
@@ -119,6 +120,7 @@ class FeedbackStore:
             return self.get(record.record_id), False
         with self._lock:
             self._cache[record.record_id] = record
+        metrics.RECORDS.labels(record.author_kind).inc()
         return record, True
 
     def get(self, record_id: str) -> FeedbackRecord:

@@ -11,14 +11,16 @@ from text_generation.errors import OverloadedError, ValidationError
 
 from ilf import config
 from ilf.auth import client_headers
+from ilf.fleet import PointerFollower
 from ilf.errors import FailedPrecondition, InvalidArgument, InvalidField, ResourceExhausted, Unavailable
 from ilf.modeling import Sample, configure_torch
 from ilf.registry import Registry
 from ilf.sampling import Sampling
 
 from .config import GenerationConfig
+from . import metrics
 from .engine import Engine
-from .models import ModelManager, initial_version
+from .models import CHANNEL, ModelManager, initial_version
 from .detokenize import cut_at_stop
 from .request import GenerationHandle, TokenEvent, validate, validate_sampling
 
@@ -112,15 +114,26 @@ class TransformersBackend(Backend):
         self.models = manager or ModelManager(registry, max_loaded=int(config.get("ILF_GENERATION_MAX_LOADED")))
         self.engine = engine or Engine(max_rows=int(config.get("ILF_GENERATION_MAX_BATCH_ROWS")),
                                        max_queue=int(config.get("ILF_GENERATION_MAX_QUEUE")))
+        poll_s = config.get("ILF_SERVING_POLL_S")
+        # This replica serves what the generation pointer says, and keeps pi_Refine (the refinement pointer's
+        # version, which the refinement service asks for by name) loaded, whichever replica a call reaches.
+        self.follower = PointerFollower(registry, CHANNEL, self.models.follow, poll_s, describe=self.models.describe)
+        self.refinement_follower = PointerFollower(registry, "refinement", lambda p: self.models.load(p["version"]),
+                                                   poll_s)
 
     def start(self) -> None:
         configure_torch()
         version = initial_version(self.registry)
         # An empty pointer gets the start-up version, so the first switch can be rolled back.
-        self.models.serve(version, promote=self.registry.serving_version("generation") is None)
+        self.models.serve(version, promote=self.registry.serving_version(CHANNEL) is None)
+        # Started on `version` (a pinned ILF_GENERATION_MODEL included): of the pointer, only its canary is left.
+        self.follower.start(self.registry.serving(CHANNEL), lambda p: self.models.follow({**p, "version": version}))
+        self.refinement_follower.start()
 
     def _submit(self, prompt, settings, model_version):
-        return self.engine.submit(self.models.resolve(model_version), prompt, settings)
+        handle = self.engine.submit(self.models.resolve(model_version), prompt, settings)
+        metrics.REQUESTS.labels(handle.model_version).inc()
+        return handle
 
     def _chat_prompt(self, messages, model_version):
         tokenizer = self.models.resolve(model_version).tokenizer
@@ -158,6 +171,8 @@ class TransformersBackend(Backend):
         return {**self.models.status(), "backend": self.name}
 
     def close(self):
+        self.follower.stop()
+        self.refinement_follower.stop()
         self.engine.stop()
 
 

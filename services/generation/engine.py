@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ilf.errors import InvalidArgument, ResourceExhausted, Unavailable
+from ilf.metrics import track
 from ilf.modeling import LoadedModel, Sample
 from ilf.sampling import Sampling
 
+from . import metrics
 from .batch import Batch, Row
 from .request import GenerationHandle, TokenEvent
 from .sampler import choose_tokens
@@ -47,6 +49,7 @@ class Engine:
         self._stopped = False
         self.steps = 0
         self.scheduler_restarts = 0
+        track(self, metrics.ENGINE)
         self._thread = self._start_scheduler()
         threading.Thread(target=self._watch_scheduler, name="generation-watchdog", daemon=True).start()
 
@@ -86,6 +89,10 @@ class Engine:
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(b.cache.prompt_nbytes() + b.cache.generated_nbytes() for b in list(self._batches.values()))
 
     def stop(self) -> None:
         with self._wakeup:
@@ -166,6 +173,7 @@ class Engine:
                 log.exception("prefill failed")
                 pending.handle.push(error)
                 continue
+            metrics.PREFILL_TOKENS.inc(pending.input_ids.shape[1])
             key = id(pending.loaded)
             if key in self._batches:
                 self._batches[key].merge(joining)
@@ -179,6 +187,7 @@ class Engine:
             if not batch.rows:
                 return
         tokens, logprobs = choose_tokens(batch.logits, batch.rows)
+        metrics.DECODE_TOKENS.inc(len(batch.rows))
         keep = [i for i, row in enumerate(batch.rows)
                 if not _emit(batch, row, int(tokens[i]), float(logprobs[i]))]
         if len(keep) < len(batch.rows):

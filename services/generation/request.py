@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -16,6 +17,8 @@ from ilf import config
 from ilf.errors import IlfError, InvalidField
 from ilf.modeling import Sample
 from ilf.sampling import Sampling
+
+from . import metrics
 
 
 class GenerationCancelled(IlfError):
@@ -89,9 +92,14 @@ class GenerationHandle:
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _finished: int = 0
     _waker: Callable[[], None] | None = None
+    _started: float = field(default_factory=time.monotonic)
+    _first_token: bool = False
 
     # producer side
     def push(self, item: TokenEvent | BaseException) -> None:
+        if not self._first_token and isinstance(item, TokenEvent):
+            self._first_token = True
+            metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - self._started)
         self._events.put(item)
         if self._waker:
             self._waker()

@@ -20,4 +20,5 @@ class RefinementConfig(Section):
     max_new_tokens: int = setting("ILF_REFINEMENT_MAX_NEW_TOKENS")
     max_feedback_chars: int = setting("ILF_MAX_FEEDBACK_CHARS")
     max_program_chars: int = setting("ILF_MAX_PROGRAM_CHARS")
+    serving_poll_s: float = setting("ILF_SERVING_POLL_S")
     server: ServerConfig = nested(ServerConfig)

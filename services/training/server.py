@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 
 from ilf.grpc_util import Server, Service, serve
+from ilf.metrics import track
 from ilf.store import open_store
 from ilf.training_spec import HYPERPARAMETER_FIELDS
 from ilf.v1 import training_pb2, training_pb2_grpc
+from services.training import metrics
 from services.training.config import TrainingConfig
 from services.training.launchers import make_launcher
 from services.training.runs import RunManager
@@ -53,6 +55,7 @@ class TrainingService(Service):
     def __init__(self, settings: TrainingConfig):
         self.runs = RunManager(open_store(), make_launcher(settings.launcher), max_concurrent=settings.max_concurrent,
                                poll_s=settings.poll_s)
+        track(self.runs, metrics.RUNS)
 
     def add_to(self, grpc_server) -> None:
         training_pb2_grpc.add_TrainingServicer_to_server(TrainingServicer(self.runs), grpc_server)
