@@ -115,11 +115,10 @@ def error_response(status: int, message: str, error_type: str, *, param: str | N
                              status=status)
 
 
-def _error(error: Exception, *, chat: bool = False) -> web.Response:
+def _error(error: Exception) -> web.Response:
     status, error_type = ERRORS.get(getattr(error, "code_name", ""), (500, "server_error"))
     if isinstance(error, InvalidField):
-        name = "messages" if chat and error.field == "prompt" else PARAMETER_NAMES.get(error.field, error.field)
-        return error_response(status, f"{name} {error.rule}", error_type, param=name)
+        return error_response(status, str(error), error_type, param=error.field)
     if not isinstance(error, IlfError):
         log.error("generation failed", exc_info=error)
     return error_response(status, str(error), error_type,
@@ -225,10 +224,9 @@ class OpenAIProtocol(Protocol):
             sampling = sampling_from_openai(body, chat=chat)
             stream, options = typed(body, "stream", bool), typed(body, "stream_options", dict) or {}
             model = typed(body, "model", str) or ""
-            handle = (self.backend.submit_chat(chat_messages(body), sampling, model) if chat
-                      else self.backend.submit(completion_prompt(body), sampling, model))
+            handle = self._submit(body, sampling, model, chat=chat)
         except Exception as error:  # noqa: BLE001 - every error is an OpenAI error body
-            return _error(error, chat=chat)
+            return _error(error)
         reply = Reply(handle, sampling.stop, chat=chat)
         try:
             if stream:
@@ -237,6 +235,15 @@ class OpenAIProtocol(Protocol):
         finally:
             if not handle.done:
                 handle.cancel()
+
+    def _submit(self, body: dict, sampling: Sampling, model: str, *, chat: bool) -> GenerationHandle:
+        messages, prompt = (chat_messages(body), "") if chat else (None, completion_prompt(body))
+        try:
+            return (self.backend.submit_chat(messages, sampling, model) if chat
+                    else self.backend.submit(prompt, sampling, model))
+        except InvalidField as error:  # the backend names Sampling's fields: say them as OpenAI does
+            name = "messages" if error.field == "prompt" else PARAMETER_NAMES.get(error.field, error.field)
+            raise InvalidField(name, error.rule) from None
 
 
 class Reply:
@@ -267,7 +274,7 @@ class Reply:
                 if event.completion is not None:
                     completions[event.index] = event.completion
         except Exception as error:  # noqa: BLE001
-            return _error(error, chat=self.chat)
+            return _error(error)
         ordered = [completions[i] for i in range(self.handle.n)]
         choices = [{**self._choice(i, c.text, chunk=False), **finish(c, streamed[i], self.stop)}
                    for i, c in enumerate(ordered)]
