@@ -4,11 +4,11 @@ from __future__ import annotations
 import ast
 import re
 import string
+import warnings
 
 # The model completes the function body; the output ends at the first later line that
 # starts at column 0 with a letter, '#' or a quote (a new top-level statement).
 _TOP_LEVEL_LINE = re.compile(r"\n(?=[A-Za-z#'\"])")
-_CALLED_NAME = re.compile(r"([A-Za-z_]\w*)\s*\(")
 
 END_OF_TEXT = "<|endoftext|>"
 # The paper cuts the old code to 512 tokens so the prompt fits 1024. Cutting by characters (about three
@@ -16,13 +16,32 @@ END_OF_TEXT = "<|endoftext|>"
 REFINEMENT_OLD_CODE_CHARS = 1536
 
 
+def _parse(source: str) -> ast.Module:
+    with warnings.catch_warnings():  # MBPP's programs have invalid escapes such as '\d' in plain strings
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(source)
+
+
 def entry_point(tests: list[str] | tuple[str, ...], program: str) -> str:
-    """Name of the first function the tests call that the program defines."""
-    defined = set(re.findall(r"^\s*def\s+([A-Za-z_]\w*)", program, re.M))
+    """Name of the first function the tests call (in reading order) that the program defines.
+
+    Parsed, not matched with regular expressions: tests and programs may come from users, and a pattern
+    such as `name(` backtracks quadratically on a long run of word characters."""
+    try:
+        defined = {node.name for node in ast.walk(_parse(program))
+                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    except (SyntaxError, ValueError) as error:
+        raise ValueError(f"the program does not parse: {error}") from None
     for test in tests:
-        for name in _CALLED_NAME.findall(test):
-            if name in defined:
-                return name
+        try:
+            calls = [node for node in ast.walk(_parse(test))
+                     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+        except (SyntaxError, ValueError):
+            continue
+        for call in sorted(calls, key=lambda node: (node.lineno, node.col_offset)):
+            if call.func.id in defined:
+                return call.func.id
     raise ValueError(f"the tests call no function the program defines: {tests[:1]}")
 
 
@@ -48,7 +67,7 @@ def signature_from_tests(function_name: str, tests: list[str] | tuple[str, ...])
     """A `def` line for a task with only an entry point: the parameters of the first call the tests make
     (positional ones named a, b, c, ...; keyword ones by their keyword)."""
     for test in tests:
-        for node in ast.walk(ast.parse(test)):
+        for node in ast.walk(_parse(test)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function_name:
                 positional = [chr(ord("a") + i) if i < 26 else f"x{i}" for i in range(len(node.args))]
                 return f"def {function_name}({', '.join(positional + [k.arg for k in node.keywords if k.arg])}):"

@@ -31,6 +31,8 @@ def failure_of(result: execution_pb2.ExecuteResponse) -> str:
         if test.verdict != execution_pb2.VERDICT_PASSED:
             verdict = execution_pb2.Verdict.Name(test.verdict).removeprefix("VERDICT_")
             detail = ": ".join(p for p in (test.error_type, test.error_message) if p)
+            if test.actual:
+                detail += f" (got {test.actual}" + (f", expected {test.expected})" if test.expected else ")")
             return f"test {test.index + 1}: {verdict}" + (f" {detail}" if detail else "")
     return ""
 
