@@ -184,6 +184,7 @@ def front_and_upstream(ilf_env, monkeypatch, tmp_path):
     monkeypatch.setenv("ILF_AUTH_TOKEN", OPERATOR_TOKEN)
     monkeypatch.setenv("ILF_GENERATION_HTTP_PORT", "0")
     monkeypatch.setenv("ILF_GENERATION_MAX_LOADED", "5")
+    monkeypatch.setenv("ILF_SERVING_POLL_S", "0.2")
     upstream = start_server()
     monkeypatch.setenv("ILF_GENERATION_BACKEND", "openai")
     monkeypatch.setenv("ILF_GENERATION_OPENAI_URL", f"{upstream.service.http.url}/v1")
@@ -266,3 +267,11 @@ def test_openai_backend_swaps_to_lora_versions_and_keeps_serving_when_a_load_fai
     status = front_stub.Rollback(generation_pb2.RollbackRequest())
     assert status.serving_version == base and local_registry.serving_version("generation") == base
     assert generate(front_stub, max_new_tokens=12).model_version == base
+
+    # a promotion elsewhere (`ilf promote`) moves the pointer: the front follows it
+    local_registry.promote("generation", lora)
+    deadline = time.monotonic() + 30
+    while front_stub.GetModelStatus(generation_pb2.GetModelStatusRequest()).serving_version != lora:
+        assert time.monotonic() < deadline, "the front did not follow the serving pointer"
+        time.sleep(0.1)
+    assert generate(front_stub, max_new_tokens=12).completions[0].text == on_lora.completions[0].text

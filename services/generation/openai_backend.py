@@ -5,13 +5,15 @@ under its immutable version id (vLLM's runtime adapter API, POST /v1/load_lora_a
 as their `model`. An id is never loaded twice under the same name with other weights, because ids are never
 reused: vLLM served stale prefix-cache results after a same-name reload (vLLM issue 42125). A base version
 stands for the remote server's base model (the /v1/models entry without a parent). A load that fails keeps
-serving what was served. Sample i of a seeded request is its own request with seed + i, as in the in-process
+serving what was served. Like the in-process backend, each replica follows the channel's serving pointer
+(a canary's share of requests goes to its candidate) and reports what it serves. Sample i of a seeded request is its own request with seed + i, as in the in-process
 engine, so results agree with it; remote streams carry text, not token ids (token_id is 0).
 """
 from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import requests
 
 from ilf import config
+from ilf.fleet import PointerFollower
 from ilf.errors import FailedPrecondition, IlfError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ilf.modeling import Sample
 from ilf.registry import Registry
@@ -53,9 +56,12 @@ class OpenAIBackend(Backend):
         self.remote: dict[str, dict] = {}      # the remote server's /v1/models entries by id
         self.names: dict[str, str] = {}        # version -> the model name the remote server knows it by
         self.serving = ""
+        self.canary: tuple[str, float] | None = None   # a candidate version and its share of new requests
         self.loading: set[str] = set()
         self.last_swap_seconds = 0.0
         self.last_load_error = ""
+        self.follower = PointerFollower(registry, CHANNEL, self.follow, config.get("ILF_SERVING_POLL_S"),
+                                        describe=self.describe)
 
     # versions
     def start(self) -> None:
@@ -68,6 +74,27 @@ class OpenAIBackend(Backend):
         with self._lock:
             self.serving = version
         log.info("serving %s through the OpenAI server at %s (as %r)", version, self.url, self.names[version])
+        # Started on `version` (a pinned ILF_GENERATION_MODEL included): of the pointer, only its canary is left.
+        self.follower.start(self.registry.serving(CHANNEL), lambda p: self.follow({**p, "version": version}))
+
+    def follow(self, pointer: dict) -> None:
+        """Serves what the channel's pointer names, and its canary's share of requests with the candidate; a
+        version that fails to load (raised) changes nothing."""
+        if pointer["version"] != self.serving:
+            self._load(pointer["version"])
+            self._serve(pointer["version"], time.monotonic())
+        canary = pointer.get("canary")
+        if canary:
+            self._load(canary["version"])
+        with self._lock:
+            self.canary = (canary["version"], float(canary["share"])) if canary else None
+
+    def describe(self) -> dict:
+        """What this replica serves, for its fleet report."""
+        with self._lock:
+            canary = self.canary
+            return {"serving_version": self.serving, "loaded_versions": list(self.names),
+                    "canary_version": canary[0] if canary else "", "canary_share": canary[1] if canary else 0.0}
 
     def load(self, version):
         self._load(version)
@@ -94,6 +121,8 @@ class OpenAIBackend(Backend):
     def _serve(self, version: str, started: float) -> None:
         with self._lock:
             previous, self.serving = self.serving, version
+            if self.canary and self.canary[0] == version:
+                self.canary = None   # the candidate is promoted: it serves every request now
         self.last_swap_seconds = time.monotonic() - started
         log.info("serving %s (was %s); swap took %.2f s", version, previous, self.last_swap_seconds)
 
@@ -158,6 +187,9 @@ class OpenAIBackend(Backend):
                     "last_load_error": self.last_load_error, "loading_versions": sorted(self.loading),
                     "backend": self.name}
 
+    def close(self):
+        self.follower.stop()
+
     def model_info(self):
         with self._lock:
             entry = self.remote.get(self.names.get(self.serving, ""), {})
@@ -167,7 +199,8 @@ class OpenAIBackend(Backend):
     def _remote_name(self, model_version: str) -> tuple[str, str]:
         """(the version the reply names, the model the remote server knows it by)."""
         with self._lock:
-            version = model_version or self.serving
+            canary = self.canary
+            version = model_version or (canary[0] if canary and random.random() < canary[1] else self.serving)
             name = self.names.get(version)
         if not version:
             raise Unavailable("no model is served yet; retry when the health check reports SERVING")
