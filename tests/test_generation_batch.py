@@ -44,22 +44,39 @@ def test_prefill_gives_each_sample_a_row_with_its_own_seed(loaded):
 def test_merged_and_filtered_rows_decode_as_if_alone(loaded):
     long_prompt, short_prompt = "def a_much_longer_function_name(first, second):", "x ="
     batch = prefill(loaded, long_prompt, n=2)
-    batch.merge(prefill(loaded, short_prompt, n=2))
-    fed = [[] for _ in batch.rows]
+    fed = [[], []]
+    batch.step(torch.tensor([100, 101]))
+    fed[0].append(100), fed[1].append(101)
+    batch.merge(prefill(loaded, short_prompt, n=2))    # joins one step late
+    fed += [[], []]
     for step in range(3):
-        tokens = torch.tensor([100 + 7 * step + i for i in range(len(batch.rows))])
+        tokens = torch.tensor([200 + 7 * step + i for i in range(len(batch.rows))])
         for i, token in enumerate(tokens.tolist()):
             fed[i].append(token)
         batch.step(tokens)
     for i, row in enumerate(batch.rows):
         assert torch.allclose(batch.logits[i], next_logits(loaded, row.prompt_ids + fed[i]), atol=1e-4)
-    # only short-prompt rows left: the long prompt's padding columns go
+    # only the short prompt's rows left: the long prompt's cache goes
     batch.select([2, 3])
-    assert batch.mask.shape[1] == len(batch.rows[0].prompt_ids) + 3 and bool(batch.mask.all())
+    assert len(batch.cache.prompts) == 1 and batch.cache.prompts[0].length == len(batch.rows[0].prompt_ids)
     batch.step(torch.tensor([5, 6]))
-    for row, tokens in zip(batch.rows, (fed[2] + [5], fed[3] + [6])):
-        assert torch.allclose(batch.logits[batch.rows.index(row)], next_logits(loaded, row.prompt_ids + tokens),
-                              atol=1e-4)
+    for i, tokens in enumerate((fed[2] + [5], fed[3] + [6])):
+        assert torch.allclose(batch.logits[i], next_logits(loaded, batch.rows[i].prompt_ids + tokens), atol=1e-4)
+
+
+@torch.inference_mode()
+def test_the_n_samples_of_a_request_share_one_copy_of_its_prompt_cache(loaded):
+    one, thirty = prefill(loaded, "def add(a, b):", n=1), prefill(loaded, "def add(a, b):", n=30)
+    assert len(thirty.cache.prompts) == 1 and thirty.cache.prompt_nbytes == one.cache.prompt_nbytes > 0
+    assert thirty.cache.groups() == [(thirty.cache.prompts[0], 0, 30)]
+    for step in range(3):
+        thirty.step(torch.full((30,), 100 + step))
+    # what grows with n is the generated tokens only
+    config = loaded.model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size //
+                                                                            config.num_attention_heads) * 4
+    assert thirty.cache.generated_nbytes >= 30 * 3 * per_token
+    assert thirty.cache.generated_nbytes <= 30 * (3 + 64) * per_token   # plus spare columns
 
 
 @torch.inference_mode()

@@ -1,45 +1,54 @@
-"""The batch's KV cache: grows in place, drops rows and leading columns, merges caches of other lengths."""
+"""The batch's KV cache: one copy of each request's prompt, generated tokens per row, rows joining and leaving."""
 from __future__ import annotations
 
 import torch
 
-from services.generation.kv_cache import KVCache, left_pad
+from services.generation.kv_cache import KVCache, PromptKV
+
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 4
 
 
-def kv(rows: int, length: int, start: float = 0.0) -> torch.Tensor:
-    return torch.arange(rows * 2 * length * 4, dtype=torch.float32).reshape(rows, 2, length, 4) + start
+def prompt(length: int, start: float = 0.0) -> PromptKV:
+    def tensor(offset):
+        return torch.arange(KV_HEADS * length * HEAD_DIM, dtype=torch.float32).reshape(
+            KV_HEADS, length, HEAD_DIM) + start + offset
+    return PromptKV([tensor(100 * i) for i in range(LAYERS)], [-tensor(100 * i) for i in range(LAYERS)])
 
 
-def test_left_pad_puts_zeros_first():
-    padded = left_pad(torch.ones(2, 3), 5, -1)
-    assert padded.tolist() == [[0, 0, 1, 1, 1]] * 2
+def token(rows: int, value: float) -> torch.Tensor:
+    return torch.full((rows, KV_HEADS, HEAD_DIM), value)
 
 
-def test_tokens_are_appended_into_spare_capacity():
-    cache = KVCache()
-    first, second, third = kv(2, 5), kv(2, 1, 1000), kv(2, 1, 2000)
-    cache.update(first, -first, 0)
-    keys, _ = cache.update(second, -second, 0)
-    address = keys.data_ptr()
-    keys, values = cache.update(third, -third, 0)
-    assert keys.data_ptr() == address, "the third token must not reallocate"
-    assert torch.equal(keys, torch.cat([first, second, third], dim=-2)) and torch.equal(values, -keys)
-    assert cache.get_seq_length() == 7
+def step(cache: KVCache, values: list[float]) -> None:
+    for layer in range(LAYERS):
+        cache.append(layer, token(cache.rows, 0) + torch.tensor(values)[:, None, None] + layer,
+                     token(cache.rows, 0) - torch.tensor(values)[:, None, None])
+    cache.commit()
 
 
-def test_selected_trimmed_and_merged_caches_keep_growing_correctly():
-    cache, other = KVCache(), KVCache()
-    long_rows, short_rows = kv(3, 6), kv(2, 2, 500)
-    cache.update(long_rows, long_rows, 0)
-    other.update(short_rows, short_rows, 0)
-    cache.extend(other, 6)
-    keys = cache.layers[0].keys
-    assert keys.shape == (5, 2, 6, 4) and torch.equal(keys[3:, :, :4], torch.zeros(2, 2, 4, 4))
-    assert torch.equal(keys[3:, :, 4:], short_rows)
-    cache.select_rows(torch.tensor([1, 4]))
-    cache.drop_leading(2)
-    expected = torch.stack([long_rows[1, :, 2:], torch.cat([torch.zeros(2, 2, 4), short_rows[1]], dim=1)])
-    assert torch.equal(cache.layers[0].keys, expected)
-    new = kv(2, 1, 9000)
-    keys, _ = cache.update(new, new, 0)
-    assert torch.equal(keys, torch.cat([expected, new], dim=-2))
+def test_rows_of_one_prompt_share_it_and_keep_their_own_tokens():
+    shared = prompt(5)
+    cache = KVCache(shared, rows=3)
+    assert cache.groups() == [(shared, 0, 3)] and cache.prompt_nbytes == shared.nbytes
+    for t in range(70):   # past the first capacity: the cache grows and keeps what it had
+        step(cache, [t, 1000 + t, 2000 + t])
+    keys, values = cache.generated(1, pending=False)
+    assert keys.shape == (3, KV_HEADS, 70, HEAD_DIM)
+    assert keys[:, 0, :, 0].tolist() == [[r * 1000 + t + 1 for t in range(70)] for r in range(3)]
+    assert torch.equal(values[:, 0, :, 0], -(keys[:, 0, :, 0] - 1))
+    assert cache.generated_mask(torch.float32) is None
+
+
+def test_a_joining_request_masks_the_columns_before_it_and_leaving_rows_free_their_prompt():
+    first, second = prompt(5), prompt(2, 50)
+    cache = KVCache(first, rows=2)
+    step(cache, [1, 2])
+    cache.extend(KVCache(second, rows=1))
+    assert cache.groups() == [(first, 0, 2), (second, 2, 3)]
+    step(cache, [3, 4, 5])
+    mask = cache.generated_mask(torch.float32, pending=False)
+    assert mask[:, 0, 0].tolist() == [[0, 0], [0, 0], [float("-inf"), 0]]
+    cache.select_rows([2])
+    assert cache.prompts == [second] and cache.groups() == [(second, 0, 1)]
+    keys, _ = cache.generated(0, pending=False)
+    assert keys[:, 0, :, 0].tolist() == [[5]] and cache.generated_mask(torch.float32, pending=False) is None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ilf.v1 import common_pb2 as ilf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ilf/v1/generation.proto\x12\x06ilf.v1\x1a\x13ilf/v1/common.proto\"`\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.ilf.v1.SamplingParams\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"R\n\x10GenerateResponse\x12\'\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x12.ilf.v1.Completion\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x8c\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x12\n\ntoken_text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12&\n\ncompletion\x18\x04 \x01(\x0b\x32\x12.ilf.v1.Completion\x12\x15\n\rmodel_version\x18\x05 \x01(\t\")\n\x10LoadModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"+\n\x12SwitchModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\"\x17\n\x15GetModelStatusRequest\"\xaf\x01\n\x0bModelStatus\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x17\n\x0floaded_versions\x18\x02 \x03(\t\x12\x0f\n\x07history\x18\x03 \x03(\t\x12\x19\n\x11last_swap_seconds\x18\x04 \x01(\x01\x12\x17\n\x0flast_load_error\x18\x05 \x01(\t\x12\x18\n\x10loading_versions\x18\x06 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t2\x94\x03\n\nGeneration\x12=\n\x08Generate\x12\x17.ilf.v1.GenerateRequest\x1a\x18.ilf.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.ilf.v1.GenerateRequest\x1a\x1e.ilf.v1.GenerateStreamResponse0\x01\x12:\n\tLoadModel\x12\x18.ilf.v1.LoadModelRequest\x1a\x13.ilf.v1.ModelStatus\x12>\n\x0bSwitchModel\x12\x1a.ilf.v1.SwitchModelRequest\x1a\x13.ilf.v1.ModelStatus\x12\x38\n\x08Rollback\x12\x17.ilf.v1.RollbackRequest\x1a\x13.ilf.v1.ModelStatus\x12\x44\n\x0eGetModelStatus\x12\x1d.ilf.v1.GetModelStatusRequest\x1a\x13.ilf.v1.ModelStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ilf/v1/generation.proto\x12\x06ilf.v1\x1a\x13ilf/v1/common.proto\"`\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.ilf.v1.SamplingParams\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"a\n\x10GenerateResponse\x12\'\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x12.ilf.v1.Completion\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x9b\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x12\n\ntoken_text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12&\n\ncompletion\x18\x04 \x01(\x0b\x32\x12.ilf.v1.Completion\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\")\n\x10LoadModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"+\n\x12SwitchModelRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\"\x17\n\x15GetModelStatusRequest\"\xaf\x01\n\x0bModelStatus\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x17\n\x0floaded_versions\x18\x02 \x03(\t\x12\x0f\n\x07history\x18\x03 \x03(\t\x12\x19\n\x11last_swap_seconds\x18\x04 \x01(\x01\x12\x17\n\x0flast_load_error\x18\x05 \x01(\t\x12\x18\n\x10loading_versions\x18\x06 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t2\x94\x03\n\nGeneration\x12=\n\x08Generate\x12\x17.ilf.v1.GenerateRequest\x1a\x18.ilf.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.ilf.v1.GenerateRequest\x1a\x1e.ilf.v1.GenerateStreamResponse0\x01\x12:\n\tLoadModel\x12\x18.ilf.v1.LoadModelRequest\x1a\x13.ilf.v1.ModelStatus\x12>\n\x0bSwitchModel\x12\x1a.ilf.v1.SwitchModelRequest\x1a\x13.ilf.v1.ModelStatus\x12\x38\n\x08Rollback\x12\x17.ilf.v1.RollbackRequest\x1a\x13.ilf.v1.ModelStatus\x12\x44\n\x0eGetModelStatus\x12\x1d.ilf.v1.GetModelStatusRequest\x1a\x13.ilf.v1.ModelStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=56
   _globals['_GENERATEREQUEST']._serialized_end=152
   _globals['_GENERATERESPONSE']._serialized_start=154
-  _globals['_GENERATERESPONSE']._serialized_end=236
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=239
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=379
-  _globals['_LOADMODELREQUEST']._serialized_start=381
-  _globals['_LOADMODELREQUEST']._serialized_end=422
-  _globals['_SWITCHMODELREQUEST']._serialized_start=424
-  _globals['_SWITCHMODELREQUEST']._serialized_end=467
-  _globals['_ROLLBACKREQUEST']._serialized_start=469
-  _globals['_ROLLBACKREQUEST']._serialized_end=486
-  _globals['_GETMODELSTATUSREQUEST']._serialized_start=488
-  _globals['_GETMODELSTATUSREQUEST']._serialized_end=511
-  _globals['_MODELSTATUS']._serialized_start=514
-  _globals['_MODELSTATUS']._serialized_end=689
-  _globals['_GENERATION']._serialized_start=692
-  _globals['_GENERATION']._serialized_end=1096
+  _globals['_GENERATERESPONSE']._serialized_end=251
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=254
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=409
+  _globals['_LOADMODELREQUEST']._serialized_start=411
+  _globals['_LOADMODELREQUEST']._serialized_end=452
+  _globals['_SWITCHMODELREQUEST']._serialized_start=454
+  _globals['_SWITCHMODELREQUEST']._serialized_end=497
+  _globals['_ROLLBACKREQUEST']._serialized_start=499
+  _globals['_ROLLBACKREQUEST']._serialized_end=516
+  _globals['_GETMODELSTATUSREQUEST']._serialized_start=518
+  _globals['_GETMODELSTATUSREQUEST']._serialized_end=541
+  _globals['_MODELSTATUS']._serialized_start=544
+  _globals['_MODELSTATUS']._serialized_end=719
+  _globals['_GENERATION']._serialized_start=722
+  _globals['_GENERATION']._serialized_end=1126
 # @@protoc_insertion_point(module_scope)

@@ -18,26 +18,30 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("completions", "model_version")
+    __slots__ = ("completions", "model_version", "dtype")
     COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     completions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Completion]
     model_version: str
-    def __init__(self, completions: _Optional[_Iterable[_Union[_common_pb2.Completion, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    dtype: str
+    def __init__(self, completions: _Optional[_Iterable[_Union[_common_pb2.Completion, _Mapping]]] = ..., model_version: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("index", "token_text", "token_id", "completion", "model_version")
+    __slots__ = ("index", "token_text", "token_id", "completion", "model_version", "dtype")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     index: int
     token_text: str
     token_id: int
     completion: _common_pb2.Completion
     model_version: str
-    def __init__(self, index: _Optional[int] = ..., token_text: _Optional[str] = ..., token_id: _Optional[int] = ..., completion: _Optional[_Union[_common_pb2.Completion, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    dtype: str
+    def __init__(self, index: _Optional[int] = ..., token_text: _Optional[str] = ..., token_id: _Optional[int] = ..., completion: _Optional[_Union[_common_pb2.Completion, _Mapping]] = ..., model_version: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model_version",)

@@ -208,7 +208,8 @@ class TgiBackend(Backend):
         if model_version and model_version != self.version:
             raise FailedPrecondition(f"the TGI backend serves only {self.version!r}, not {model_version!r}")
         handle = GenerationHandle(n=settings.n, model_version=self.version,
-                                  seeds=[settings.sample_seed(i) for i in range(settings.n)])
+                                  seeds=[settings.sample_seed(i) for i in range(settings.n)],
+                                  dtype=(self.info.get("model_dtype") or "").removeprefix("torch."))
         for index in range(settings.n):
             threading.Thread(target=self._stream_sample, args=(handle, prompt, settings, index),
                              name=f"tgi-sample-{index}", daemon=True).start()

@@ -18,7 +18,7 @@ import torch
 
 from ilf.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ilf.metrics import track
-from ilf.modeling import LoadedModel, Sample
+from ilf.modeling import LoadedModel, Sample, dtype_name
 from ilf.sampling import Sampling
 
 from . import metrics
@@ -70,7 +70,8 @@ class Engine:
                                   f"({settings.max_new_tokens}) exceeds the model's {limit} positions")
         seeds = [settings.sample_seed(i) if settings.seed is not None else secrets.randbits(62)
                  for i in range(settings.n)]
-        handle = GenerationHandle(n=settings.n, model_version=loaded.version, seeds=seeds)
+        handle = GenerationHandle(n=settings.n, model_version=loaded.version, seeds=seeds,
+                                  dtype=dtype_name(loaded.dtype))
         with self._wakeup:
             if self._stopped:
                 raise Unavailable("the generation engine is shutting down")

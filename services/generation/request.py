@@ -88,6 +88,7 @@ class GenerationHandle:
     n: int
     model_version: str
     seeds: list[int | None] = field(default_factory=list)
+    dtype: str = ""                   # of the answering model's weights ("" when the backend cannot tell)
     _events: "queue.SimpleQueue[TokenEvent | BaseException]" = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _finished: int = 0

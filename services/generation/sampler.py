@@ -24,24 +24,29 @@ class SamplingRow(Protocol):
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token and its log-probability (after the processors) for every row of logits [rows, vocab]."""
-    logits = logits.clone()
-    for i, row in enumerate(rows):
+    penalised = [(i, row) for i, row in enumerate(rows) if row.settings.repetition_penalty != 1.0]
+    if penalised:
+        logits = logits.clone()
+    for i, row in penalised:
         penalty = row.settings.repetition_penalty
-        if penalty != 1.0:
-            seen = torch.tensor(row.prompt_ids + row.token_ids, device=logits.device)
-            scores = logits[i, seen]
-            logits[i, seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+        seen = torch.tensor(row.prompt_ids + row.token_ids, device=logits.device)
+        scores = logits[i, seen]
+        logits[i, seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
     temperatures = torch.tensor([row.settings.temperature or 1.0 for row in rows], device=logits.device)
     scaled = logits / temperatures[:, None]
     if any(row.settings.top_k or row.settings.top_p < 1.0 for row in rows):
         scaled = top_k_top_p(scaled, [row.settings for row in rows])
     logprobs = torch.log_softmax(scaled, dim=-1)
     tokens = logprobs.argmax(dim=-1)
-    for i, row in enumerate(rows):
-        if row.settings.temperature > 0:
-            uniform = torch.rand(logits.shape[1], generator=row.generator, device=logits.device)
-            gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
-            tokens[i] = (logprobs[i] + gumbel).argmax()
+    sampled = [i for i, row in enumerate(rows) if row.settings.temperature > 0]
+    if sampled:
+        # Each row draws from its own generator into one buffer; the Gumbel transform then runs once for all.
+        noise = torch.empty(len(sampled), logits.shape[1], device=logits.device)
+        for j, i in enumerate(sampled):
+            torch.rand(logits.shape[1], generator=rows[i].generator, device=logits.device, out=noise[j])
+        gumbel = noise.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
+        index = torch.tensor(sampled, device=logits.device)
+        tokens[index] = (logprobs[index] + gumbel).argmax(dim=-1)
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 

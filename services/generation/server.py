@@ -42,7 +42,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         samples = handle.result()
         return generation_pb2.GenerateResponse(
             completions=[completion_proto(s, handle.seeds[i]) for i, s in enumerate(samples)],
-            model_version=handle.model_version)
+            model_version=handle.model_version, dtype=handle.dtype)
 
     def GenerateStream(self, request, context):
         handle = self._submit(request, context)
@@ -51,7 +51,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             yield generation_pb2.GenerateStreamResponse(
                 index=event.index, token_text=event.text, token_id=event.token_id,
                 completion=completion_proto(event.completion, handle.seeds[event.index]) if event.completion else None,
-                model_version=handle.model_version)
+                model_version=handle.model_version, dtype=handle.dtype)
 
     def LoadModel(self, request, context):
         return generation_pb2.ModelStatus(**self.backend.load(request.model_version))

@@ -163,7 +163,8 @@ class TgiProtocol(Protocol):
             if (body.get("parameters") or {}).get("details"):
                 reply["details"] = {"finish_reason": FINISH_REASONS[completion.finish_reason],
                                     "generated_tokens": completion.generated_tokens, "seed": handle.seeds[0],
-                                    "prefill": [], "tokens": [_token(event) for event in streamed]}
+                                    "dtype": handle.dtype, "prefill": [],
+                                    "tokens": [_token(event) for event in streamed]}
             return web.json_response([reply] if as_list else reply)
         except Exception as error:  # noqa: BLE001 - every error is a TGI error body
             return _error_response(error)
@@ -188,7 +189,7 @@ class TgiProtocol(Protocol):
                     message["generated_text"] = prefix + tgi_text(event.completion, streamed, sampling.stop)
                     message["details"] = {"finish_reason": FINISH_REASONS[event.completion.finish_reason],
                                           "generated_tokens": event.completion.generated_tokens,
-                                          "seed": handle.seeds[0]}
+                                          "seed": handle.seeds[0], "dtype": handle.dtype}
                 await response.write(f"data:{json.dumps(message)}\n\n".encode())
         except Exception as error:  # noqa: BLE001 - the stream has started: the error is its last event
             await response.write(f"data:{json.dumps(_error_body(error)[0])}\n\n".encode())
