@@ -273,8 +273,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "Recompute each layer's activations during the backward pass instead of keeping them: less memory, "
             "same gradients.", BOOL),
     Setting("ILF_DEVICE", "auto", "torch device for models: auto, cpu or cuda.", choice("auto", "cpu", "cuda")),
-    Setting("ILF_DTYPE", "auto", "Model dtype for serving and training: auto (bfloat16 on CUDA and on CPUs whose bf16 "
-            "matmul is faster, measured at start-up; else float32), float32, bfloat16 or float16.",
+    Setting("ILF_DTYPE", "auto", "Model dtype for serving and training: auto (bfloat16 on CUDA and on CPUs with native "
+            "bf16 arithmetic, AVX512_BF16 or AMX; else float32), float32, bfloat16 or float16.",
             choice("auto", "float32", "bfloat16", "float16")),
     Setting("ILF_TORCH_THREADS", "0", "torch intra-op threads; 0 keeps torch's default.", integer(0)),
     Setting("ILF_PROMOTE_MARGIN", "0", "A round switches serving to its candidate only if pass@1 dropped by at most "
