@@ -392,3 +392,32 @@ def test_canary_share_and_decision(fleet_env, dns, local_registry, tiny_model_di
     finally:
         stop(replicas)
         execution.stop(0)
+
+
+def test_refinement_replicas_follow_their_pointer_and_generation_keeps_pi_refine_loaded(
+        fleet_env, local_registry, tiny_model_dir, tmp_path):
+    from services.generation.server import build_server as generation_server
+    from services.refinement.config import RefinementConfig
+    from services.refinement.server import build_server as refinement_server
+    generation = generation_server(0)
+    generation.start()
+    assert generation.ready.wait(120)
+    refinement = refinement_server(0, RefinementConfig.from_env(generation_addr=f"127.0.0.1:{generation.port}"))
+    refinement.start()
+    try:
+        assert refinement.ready.wait(120)
+        base = local_registry.ensure_base(str(tiny_model_dir)).version
+        pi_refine = make_lora(local_registry, base, tiny_model_dir, tmp_path / "refine", "refine-1", seed=4)
+        promotion = fleet.promote(local_registry, "refinement", pi_refine, deadline_s=60)
+        assert promotion.ok and len(promotion.wait.replicas) == 1, promotion.wait.describe(f"serve {pi_refine}")
+        assert refinement.service.refiner.version == pi_refine
+        # Whichever generation replica a Refine call reaches has pi_Refine loaded: each follows that pointer too.
+        models = generation.service.backend.models
+        deadline = time.monotonic() + 30
+        while pi_refine not in models.describe()["loaded_versions"]:
+            assert time.monotonic() < deadline, models.describe()
+            time.sleep(0.1)
+        assert models.describe()["serving_version"] == base   # loaded for refinement, not served
+    finally:
+        refinement.stop(0)
+        generation.stop(0)
