@@ -20,19 +20,33 @@ SERVICE_NAMES = ("generation", "refinement", "execution", "training", "feedback"
 def _round_settings(args):
     from loop.settings import RoundSettings
     fields = {f.name for f in dataclasses.fields(RoundSettings)}
-    return RoundSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if values.get("promote_margin") is None:
+        values["promote_margin"] = config.get("ILF_PROMOTE_MARGIN")
+    return RoundSettings(**values)
 
 
 def _add_round_flags(parser: argparse.ArgumentParser) -> None:
-    from loop.settings import TRAIN_SOURCES, RoundSettings
+    from loop.settings import FEEDBACK_AUTHORS, FEEDBACK_POLICIES, TRAIN_SOURCES, RoundSettings
     d = RoundSettings()
+    parser.add_argument("--task-set", default=d.task_set, help="mbpp, or a task set imported with `ilf tasksets import`")
     parser.add_argument("--eval-tasks", type=int, default=d.eval_tasks, help="tasks to evaluate (0: all; MBPP_Test has 100)")
     parser.add_argument("--eval-split", choices=("test", "dev"), default=d.eval_split,
                         help="test: MBPP_Test; dev: unannotated MBPP_Train tasks, for choosing settings without MBPP_Test")
+    parser.add_argument("--feedback", choices=FEEDBACK_POLICIES, default=d.feedback,
+                        help="newest: per task the newest feedback on a program of the serving model or its ancestors; "
+                             "all: every such record; paper: the paper's annotations (MBPP)")
+    parser.add_argument("--feedback-authors", choices=FEEDBACK_AUTHORS, default=d.feedback_authors,
+                        help="any: model-written feedback counts too")
+    parser.add_argument("--collect-samples", type=int, default=d.collect_samples,
+                        help="`ilf collect`: samples per train task")
+    parser.add_argument("--collect-temperature", type=float, default=d.collect_temperature)
+    parser.add_argument("--stack-refiner", action="store_true",
+                        help="train pi_Refine from its current version instead of from its base model")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples per task (paper: 30)")
     parser.add_argument("--eval-temperature", type=float, default=d.eval_temperature, help="paper: 0.8")
     parser.add_argument("--train-tasks", type=int, default=d.train_tasks,
-                        help="annotated MBPP_Train tasks to refine (0: all 128)")
+                        help="train-split tasks to collect on and refine (0: all; MBPP has 128)")
     parser.add_argument("--refine-samples", type=int, default=d.refine_samples)
     parser.add_argument("--refine-temperature", type=float, default=d.refine_temperature)
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -44,7 +58,7 @@ def _add_round_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight per service")
     parser.add_argument("--promote-margin", type=float, default=None,
-                        help="switch only if pass@1 drops by at most this much (default: always switch)")
+                        help="switch only if pass@1 drops by at most this much (default: ILF_PROMOTE_MARGIN, 0)")
     parser.add_argument("--no-switch", dest="switch", action="store_false", help="evaluate but keep serving as is")
     parser.add_argument("--no-train-refiner", dest="train_refiner", action="store_false",
                         help="refine with the refinement service's current model instead of training pi_Refine first")
@@ -121,9 +135,11 @@ def cmd_retrain(args) -> int:
     from loop.retrain import retrain_when_due
     from ilf.store import open_store
     _apply_paper(args)
+    _serve_metrics()
     reports = retrain_when_due(_round_settings(args), Clients.connect(), open_store(),
                                min_new_feedback=args.min_new_feedback, poll_seconds=args.poll_seconds,
-                               max_rounds=args.max_rounds, max_wait_seconds=args.max_wait_seconds)
+                               max_rounds=args.max_rounds, max_wait_seconds=args.max_wait_seconds,
+                               retry_seconds=args.retry_seconds)
     for report in reports:
         print(report["markdown"])
     print(f"{len(reports)} round(s) run")
@@ -310,6 +326,162 @@ def _add_promote_parsers(sub) -> None:
         command.set_defaults(func=cmd_promote)
 
 
+def _serve_metrics() -> None:
+    """/metrics on ILF_METRICS_PORT when it is set (the retraining policy's rounds, as the services' calls)."""
+    from ilf.metrics import serve_http
+    port = config.get("ILF_METRICS_PORT")
+    if port is not None:
+        serve_http(port, config.get("ILF_BIND_HOST"))
+
+
+def _with_retrain_args(argv: list[str]) -> list[str]:
+    """`ilf retrain` reads ILF_RETRAIN_ARGS first (where compose and Kubernetes set its flags); flags on the
+    command line come later, so they win."""
+    import shlex
+    if argv[:1] != ["retrain"]:
+        return argv
+    return ["retrain", *shlex.split(config.get("ILF_RETRAIN_ARGS")), *argv[1:]]
+
+
+def cmd_tasksets(args) -> int:
+    from loop.clients import Clients
+    from ilf.v1 import feedback_pb2
+    feedback = Clients.connect().feedback
+    if args.action == "import":
+        if not args.file:
+            raise UsageError("ilf tasksets import needs a FILE (JSONL, one task per line; README \"Task sets\")")
+        info = feedback.ImportTaskSet(feedback_pb2.ImportTaskSetRequest(
+            jsonl=Path(args.file).read_bytes(), label=args.label or Path(args.file).stem), timeout=1800)
+        print(f"{'imported' if info.imported else 'already stored'}: {info.name} ({info.label}): "
+              + ", ".join(f"{split} {n}" for split, n in sorted(info.tasks_per_split.items())))
+    elif args.action == "list":
+        for info in feedback.ListTaskSets(feedback_pb2.ListTaskSetsRequest(), timeout=60).task_sets:
+            print(f"{info.name:22s} {info.label:30s} "
+                  + ", ".join(f"{split} {n}" for split, n in sorted(info.tasks_per_split.items())))
+    else:
+        if not args.file:
+            raise UsageError("ilf tasksets show needs a NAME (see `ilf tasksets list`)")
+        info = feedback.GetTaskSet(feedback_pb2.GetTaskSetRequest(name=args.file, include_tasks=True), timeout=60)
+        for task in info.tasks:
+            print(json.dumps({"task_id": task.task_id, "text": task.text, "tests": list(task.tests),
+                              "code_prefix": task.code_prefix, "test_setup_code": task.test_setup_code}))
+    return 0
+
+
+def cmd_collect(args) -> int:
+    """Samples the serving model on the task set's train split and queues its failing programs."""
+    from loop.clients import Clients
+    from loop.round import collect_failures
+    done = collect_failures(Clients.connect(), _round_settings(args), args.model_version)
+    print(f"{done.model_version}: {done.samples} samples of {done.tasks} tasks, {done.failing} failing; "
+          f"{done.queued} new queue items, {done.duplicates} already queued")
+    return 0
+
+
+def _show_item(item) -> None:
+    from ilf.v1 import execution_pb2, feedback_pb2
+    print(f"item {item.item_id} ({feedback_pb2.QueueState.Name(item.state).removeprefix('QUEUE_STATE_').lower()}) "
+          f"task {item.task_set}/{item.task_id}, written by {item.model_version}"
+          + (f"; lease {item.lease_id} until {time.strftime('%H:%M:%S', time.gmtime(item.lease_expires_at))} UTC"
+             if item.lease_id else ""))
+    print(f"\nTASK: {item.task_text}\n\nPROGRAM:\n{item.program}\n")
+    if item.load_error:
+        print(f"the program did not load: {item.load_error}")
+    for test in item.tests:
+        result = test.result
+        verdict = execution_pb2.Verdict.Name(result.verdict).removeprefix("VERDICT_")
+        shown = f" (got {result.actual}, expected {result.expected})" if result.actual else ""
+        detail = ": ".join(p for p in (result.error_type, result.error_message) if p)
+        print(f"  {verdict:7s} {test.test}  {detail}{shown}")
+
+
+def cmd_queue(args) -> int:
+    """The annotation queue from a terminal: list, lease, skip, answer, or let the model answer."""
+    from loop.clients import Clients
+    from ilf.v1 import common_pb2, feedback_pb2
+    feedback = Clients.connect().feedback
+    if args.action == "list":
+        state = feedback_pb2.QueueState.Value(f"QUEUE_STATE_{args.state.upper()}") if args.state else 0
+        for item in feedback.ListQueue(feedback_pb2.ListQueueRequest(
+                task_set=args.task_set, state=state, limit=args.limit), timeout=60).items:
+            print(f"{item.item_id} {feedback_pb2.QueueState.Name(item.state).removeprefix('QUEUE_STATE_').lower():8s} "
+                  f"{item.task_set}/{item.task_id} by {item.model_version}"
+                  + (f" leased by {item.leased_by}" if item.leased_by else "")
+                  + (f" answered ({item.answered_by}, record {item.record_id})" if item.record_id else ""))
+    elif args.action == "lease":
+        _show_item(feedback.LeaseItem(feedback_pb2.LeaseItemRequest(
+            annotator_id=args.annotator, task_set=args.task_set, item_id=args.item,
+            lease_seconds=args.lease_seconds), timeout=60))
+    elif args.action == "skip":
+        feedback.SkipItem(feedback_pb2.SkipItemRequest(item_id=args.item, lease_id=args.lease, reason=args.reason),
+                          timeout=60)
+        print(f"skipped {args.item}")
+    elif args.action == "answer":
+        refinement = Path(args.refinement_file).read_text() if args.refinement_file else ""
+        record = feedback.AnswerItem(feedback_pb2.AnswerItemRequest(
+            item_id=args.item, lease_id=args.lease, annotator_id=args.annotator, feedback=args.feedback,
+            human_refinement=refinement), timeout=600)
+        print(f"stored feedback record {record.record_id} ({record.tests.failure})")
+    else:
+        reply = feedback.AnswerWithModel(feedback_pb2.AnswerWithModelRequest(
+            task_set=args.task_set, max_items=args.limit, older_than_s=args.older_than,
+            shots=args.shots, params=common_pb2.SamplingParams(temperature=args.temperature, max_new_tokens=128,
+                                                               seed=args.seed)), timeout=3600)
+        print(f"{len(reply.records)} items answered by the model, {reply.silent} left queued (it wrote nothing)")
+    return 0
+
+
+def cmd_history(args) -> int:
+    """Every round: versions, feedback used, pass@1 before and after with intervals, promoted or not; and a plot."""
+    from ilf.store import open_store
+    from loop.history import markdown, plot, rounds
+    rows = rounds(open_store())
+    if not rows:
+        print("no rounds yet: `ilf round`, `ilf demo` and `ilf retrain` run them")
+        return 0
+    print(markdown(rows))
+    Path(args.plot).write_bytes(plot(rows))
+    print(f"plot of pass@1 over rounds: {Path(args.plot).resolve()}")
+    return 0
+
+
+def _add_loop_parsers(sub) -> None:
+    """Task sets, the annotation queue and the history of rounds."""
+    # The demo starts from a fresh store, where no one has written feedback on the serving model yet.
+    sub.choices["demo"].set_defaults(feedback="paper")
+    tasks = sub.add_parser("tasksets", help="import a JSONL task set (validated), list them, show one")
+    tasks.add_argument("action", choices=("import", "list", "show"))
+    tasks.add_argument("file", nargs="?", help="import: the JSONL file; show: the task set's name")
+    tasks.add_argument("--label", default="", help="a name for people (default: the file's name)")
+    tasks.set_defaults(func=cmd_tasksets)
+    collect = sub.add_parser("collect", help="sample the serving model on a task set's train split and queue "
+                                             "its failing programs for feedback")
+    _add_round_flags(collect)
+    collect.add_argument("--model-version", default="", help="sample this loaded version instead of the serving one")
+    collect.set_defaults(func=cmd_collect)
+    queue = sub.add_parser("queue", help="the annotation queue: list, lease an item, skip it, answer it, or let the "
+                                         "model answer the items no one took")
+    queue.add_argument("action", choices=("list", "lease", "skip", "answer", "model"))
+    queue.add_argument("item", nargs="?", default="", help="skip, answer (and optionally lease): the item id")
+    queue.add_argument("--task-set", default="", help="only this task set")
+    queue.add_argument("--state", choices=("queued", "leased", "answered"), default="")
+    queue.add_argument("--limit", type=int, default=0, help="list, model: at most this many items (0: all)")
+    queue.add_argument("--annotator", default="", help="lease, answer: who you are")
+    queue.add_argument("--lease", default="", help="skip, answer: the lease id `ilf queue lease` printed")
+    queue.add_argument("--lease-seconds", type=float, default=600.0)
+    queue.add_argument("--reason", default="", help="skip: why")
+    queue.add_argument("--feedback", default="", help="answer: what is wrong and how to fix it")
+    queue.add_argument("--refinement-file", default="", help="answer: a file with a repaired program that passes")
+    queue.add_argument("--older-than", type=float, default=0.0, help="model: only items queued this many seconds")
+    queue.add_argument("--shots", type=int, default=2, help="model: paper annotations shown as examples")
+    queue.add_argument("--temperature", type=float, default=0.0, help="model: sampling temperature")
+    queue.add_argument("--seed", type=int, default=1234)
+    queue.set_defaults(func=cmd_queue)
+    history = sub.add_parser("history", help="every round with pass@1 before and after, and a plot of it")
+    history.add_argument("--plot", default="ilf-history.png", help="where to write the plot (PNG)")
+    history.set_defaults(func=cmd_history)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="ilf", description=__doc__)
@@ -338,7 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     retrain.add_argument("--poll-seconds", type=float, default=60.0)
     retrain.add_argument("--max-rounds", type=int, default=1_000_000)
     retrain.add_argument("--max-wait-seconds", type=float, default=None, help="stop after this long without a round")
+    retrain.add_argument("--retry-seconds", type=float, default=600.0, help="wait this long before retrying a failed round")
     retrain.set_defaults(func=cmd_retrain)
+    _add_loop_parsers(sub)
     sub.add_parser("up", help="start the services locally until Ctrl-C").set_defaults(func=cmd_up)
     models = sub.add_parser("models", help="the model registry; status: what every replica serves")
     models.add_argument("action", choices=("list", "show", "history", "status"))
@@ -352,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("reports", help="every report in the store, as absolute URLs").set_defaults(func=cmd_reports)
     for command in sub.choices.values():
         command.formatter_class = DefaultsHelpFormatter
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_with_retrain_args(sys.argv[1:] if argv is None else argv))
     # SIGTERM unwinds like Ctrl-C does, so services started by `up`, `demo` or `reproduce --local` stop too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import grpc

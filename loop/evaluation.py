@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from ilf import data, passk, prompts
+from ilf import passk, prompts
+from ilf.tasksets import Task, TaskSet
 from ilf.v1 import common_pb2, execution_pb2, generation_pb2
 from loop.clients import Clients
 from loop.settings import RoundSettings
@@ -42,7 +43,7 @@ def concurrently(call, items: list, workers: int, label: str):
             yield item, future.result()
 
 
-def execute(clients: Clients, programs: dict[str, tuple[str, data.MBPPTask]], timeout_s: float) -> dict[str, bool]:
+def execute(clients: Clients, programs: dict[str, tuple[str, Task]], timeout_s: float) -> dict[str, bool]:
     """Runs every program against its task's tests in one streamed batch; returns pass/fail by id."""
     requests = [execution_pb2.ExecuteRequest(program=program, test_setup_code=task.test_setup_code,
                                              tests=list(task.tests), timeout_s=timeout_s, request_id=rid)
@@ -57,20 +58,28 @@ def execute(clients: Clients, programs: dict[str, tuple[str, data.MBPPTask]], ti
     return verdicts
 
 
-def evaluate(clients: Clients, tasks: list[data.MBPPTask], settings: RoundSettings, model_version: str = "",
+def evaluation_tasks(task_set: TaskSet, settings: RoundSettings) -> list[Task]:
+    """The first settings.eval_tasks tasks of the evaluation split (MBPP: MBPP_Test, or dev for choosing settings)."""
+    tasks = task_set.split(settings.eval_split)[: settings.eval_tasks or None]
+    if not tasks:
+        raise RoundFailed(f"task set {task_set.name} has no {settings.eval_split} tasks to evaluate on")
+    return tasks
+
+
+def evaluate(clients: Clients, tasks: list[Task], settings: RoundSettings, model_version: str = "",
              label: str = "evaluate") -> Evaluation:
     """pass@k of a model version on tasks, with per-task seeds shared by every evaluated version."""
     programs, served_by = {}, set()
 
     def generate(task):
         return clients.generation.Generate(generation_pb2.GenerateRequest(
-            prompt=prompts.mbpp_prompt(task), model_version=model_version,
+            prompt=prompts.task_prompt(task), model_version=model_version,
             params=sampling_params(settings.eval_samples, settings.eval_temperature, settings.max_new_tokens,
                            settings.seed + task.task_id)), timeout=LONG_CALL_S)
     for task, reply in concurrently(generate, tasks, settings.concurrency, label):
         served_by.add(reply.model_version)
         for i, completion in enumerate(reply.completions):
-            programs[f"{task.task_id}:{i}"] = (prompts.mbpp_prompt(task) + prompts.truncate_completion(completion.text),
+            programs[f"{task.task_id}:{i}"] = (prompts.task_prompt(task) + prompts.truncate_completion(completion.text),
                                                task)
     if len(served_by) != 1:
         raise RoundFailed(f"the evaluation was served by several model versions: {sorted(served_by)}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 
-from ilf import data
 
 
 def summary(evaluation, *, solved_tasks: bool = False) -> dict:
@@ -40,11 +39,24 @@ def markdown_table(first_header: str, rows: dict[str, dict], ks: list[str],
     return lines
 
 
-def chart(rows: dict[str, dict], title: str, eval_split: str) -> bytes:
-    """A PNG: one group of bars per labelled result, one bar per k, with the 95% intervals as error bars."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def chart(rows: dict[str, dict], title: str, ylabel: str) -> bytes:
+    """A PNG: one group of bars per labelled result, one bar per k, with the 95% intervals as error bars."""
+    plt = _pyplot()
     rows = {label: row for label, row in rows.items() if "pass_at" in row}
     ks = ks_of(rows) if rows else []
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.5))
@@ -56,11 +68,34 @@ def chart(rows: dict[str, dict], title: str, eval_split: str) -> bytes:
         ax.bar([i + j * width for i in range(len(rows))], values, width, yerr=errors, capsize=3, label=f"pass@{k}")
     ax.set_xticks([i + width * (len(ks) - 1) / 2 for i in range(len(rows))],
                   [label.replace(" (", "\n(").replace(" on ", "\non ") for label in rows], fontsize=7)
-    ax.set_ylabel(data.EVALUATION_SPLITS[eval_split])
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(plt, fig)
+
+
+def rounds_chart(rounds: list[dict], title: str) -> bytes:
+    """A PNG: pass@1 of the serving model (before) and of the candidate (after) per round, with 95% intervals
+    as error bars; a filled marker where the candidate was promoted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rounds) + 2), 4.5))
+    xs = list(range(1, len(rounds) + 1))
+    for label, offset, color in (("before", -0.08, "tab:gray"), ("after", 0.08, "tab:blue")):
+        points = [(x + offset, r[label]) for x, r in zip(xs, rounds) if label in r]
+        if not points:
+            continue
+        values = [p["pass_at"]["1"] for _, p in points]
+        errors = [[v - p["interval95"]["1"][0] for v, (_, p) in zip(values, points)],
+                  [p["interval95"]["1"][1] - v for v, (_, p) in zip(values, points)]]
+        ax.errorbar([x for x, _ in points], values, yerr=errors, fmt="o", capsize=3, color=color,
+                    label="serving model (before)" if label == "before" else "candidate (after)",
+                    markerfacecolor=color if label == "before" else "white")
+    promoted = [(x + 0.08, r["after"]["pass_at"]["1"]) for x, r in zip(xs, rounds) if r.get("promoted")]
+    if promoted:
+        ax.plot(*zip(*promoted), "o", color="tab:blue", label="promoted")
+    ax.set_xticks(xs, [f"{i}\n{r['round_id'][-11:]}" for i, r in zip(xs, rounds)], fontsize=7)
+    ax.set_xlabel("round")
+    ax.set_ylabel("pass@1 (95% interval)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png(plt, fig)

@@ -15,13 +15,14 @@ import time
 import grpc
 from tqdm import tqdm
 
-from ilf import data, datasets
+from ilf import data, datasets, tasksets
 from ilf.store import ArtifactStore
 from ilf.v1 import common_pb2, feedback_pb2, generation_pb2
 from loop.clients import Clients
-from loop.evaluation import LONG_CALL_S, evaluate
+from loop.evaluation import LONG_CALL_S, evaluate, evaluation_tasks
 from loop.report import chart, ks_of, markdown_table as results_table, summary
-from loop.round import FeedbackItem, human_feedback, refine_and_filter, train, train_refiner, training_records
+from loop.round import (FeedbackItem, baseline_records, refine_and_filter, train, train_refiner,
+                        training_feedback)
 from loop.settings import RoundSettings
 
 METHODS = ("zero-shot", "gold", "human", "ilf", "ilf-model-feedback")
@@ -57,7 +58,10 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
               methods: tuple[str, ...] = METHODS) -> dict:
     started = time.monotonic()
     tag = f"reproduce-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-    tasks = data.evaluation_tasks(settings.eval_split)[: settings.eval_tasks or None]
+    # The paper's comparison: MBPP, and for ILF the paper's annotations of CodeGen's programs.
+    settings = dataclasses.replace(settings, task_set=tasksets.MBPP, feedback="paper", feedback_authors="human")
+    mbpp = tasksets.mbpp()
+    tasks = evaluation_tasks(mbpp, settings)
     notes = data.annotations("train")[: settings.train_tasks or None]
     base = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
     report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base,
@@ -70,12 +74,12 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             evaluation = evaluate(clients, tasks, settings, base, label="evaluate zero-shot")
         else:
             if method in ("gold", "human"):
-                records, row["data"] = training_records(dataclasses.replace(settings, train_on=method), clients, notes)
+                records, row["data"] = baseline_records(dataclasses.replace(settings, train_on=method), clients, mbpp)
             else:
                 refiner = report["refiner"] = refiner or train_refiner(clients, store, settings, tag)
-                items, silent = (human_feedback(clients, settings.train_tasks), 0) if method == "ilf" \
+                items, silent = (training_feedback(clients, store, settings, base)[0], 0) if method == "ilf" \
                     else model_feedback_items(clients, notes, settings)
-                records, row["data"] = refine_and_filter(clients, items, settings) if items else ([], {})
+                records, row["data"] = refine_and_filter(clients, mbpp, items, settings) if items else ([], {})
                 row["data"].update(tasks=len(notes), no_feedback_written=silent)
             if not records:
                 row["outcome"] = "no training example passed the tests: nothing to fine-tune"
@@ -117,7 +121,7 @@ def markdown_table(report: dict) -> str:
         "training data": lambda row: ", ".join(f"{k} {v}" for k, v in row.get("data", {}).items()
                                                if k != "refinement_model")})
     lines += ["", f"Base model `{report['base_model_version']}`; {len(report['eval_task_ids'])} "
-                  f"{data.EVALUATION_SPLITS[s['eval_split']]} tasks, "
+                  f"{tasksets.mbpp().split_label(s['eval_split'])} tasks, "
                   f"{s['eval_samples']} sample(s) per task at temperature {s['eval_temperature']}, "
                   f"max {s['max_new_tokens']} new tokens, seeds from {s['seed']}; "
                   f"{s['train_tasks'] or 128} annotated MBPP_Train tasks, {s['refine_samples']} refinement(s) each; "
@@ -133,4 +137,5 @@ def markdown_table(report: dict) -> str:
 
 def bar_chart(report: dict) -> bytes:
     rows = {LABELS[method]: row for method, row in report["methods"].items()}
-    return chart(rows, f"ILF comparison on {report['base_model_version']}", report["settings"]["eval_split"])
+    return chart(rows, f"ILF comparison on {report['base_model_version']}",
+                 tasksets.mbpp().split_label(report["settings"]["eval_split"]))

@@ -3,21 +3,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ilf import data
+from ilf import tasksets
 
 # refinements: pi_Refine's passing refinements (ILF); refinements+human: the same, plus the passing
 # human refinement attached to the feedback for tasks pi_Refine could not fix; human: the paper's human
 # refinements; gold: MBPP's programs.
 TRAIN_SOURCES = ("refinements", "refinements+human", "human", "gold")
+# Which human feedback a round refines (per task of the task set's train split): newest: the newest record on a
+# program written by the serving model or one of its ancestors; all: every such record; paper: the paper's
+# annotations of CodeGen's programs (MBPP only).
+FEEDBACK_POLICIES = ("newest", "all", "paper")
+# Whose feedback counts: human only, or model-written feedback too (for systems without annotators).
+FEEDBACK_AUTHORS = ("human", "any")
+EVALUATION_SPLITS = ("test", "dev")
 
 
 @dataclass
 class RoundSettings:
+    task_set: str = tasksets.MBPP    # "mbpp" or an imported task set (ts-...)
     eval_tasks: int = 20             # first N tasks of the evaluation split; 0 means all (MBPP_Test: 100)
-    eval_split: str = "test"         # "test": MBPP_Test (11-110); "dev": for choosing settings (data.EVALUATION_SPLITS)
+    eval_split: str = "test"         # "test": MBPP_Test (11-110); "dev": for choosing settings without it
     eval_samples: int = 1            # samples per task; the paper uses 30
     eval_temperature: float = 0.0    # the paper uses 0.8 with 30 samples
-    train_tasks: int = 24            # annotated MBPP_Train tasks to refine; 0 means all 128
+    train_tasks: int = 24            # train-split tasks to collect on and refine; 0 means all (MBPP: 128)
+    feedback: str = "newest"         # one of FEEDBACK_POLICIES
+    feedback_authors: str = "human"  # one of FEEDBACK_AUTHORS
+    collect_samples: int = 4         # `ilf collect`: samples per train task
+    collect_temperature: float = 0.8
     refine_samples: int = 2
     refine_temperature: float = 0.8
     max_new_tokens: int = 128
@@ -30,14 +42,19 @@ class RoundSettings:
     timeout_s: float = 3.0           # per program, as in the paper
     switch: bool = True
     train_refiner: bool = True       # fine-tune pi_Refine on MBPP_Refine before refining (paper)
+    stack_refiner: bool = False      # train pi_Refine from its current version instead of from its base model
     concurrency: int = 8             # requests in flight to a service, so it can batch them
-    promote_margin: float | None = None  # if set: switch only when pass@1 drops by at most this much
+    promote_margin: float = 0.0      # switch only when pass@1 drops by at most this much (ILF_PROMOTE_MARGIN)
 
     def __post_init__(self):
         if self.train_on not in TRAIN_SOURCES:
             raise ValueError(f"train_on must be one of {TRAIN_SOURCES}")
-        if self.eval_split not in data.EVALUATION_SPLITS:
-            raise ValueError(f"eval_split must be one of {tuple(data.EVALUATION_SPLITS)}")
+        if self.eval_split not in EVALUATION_SPLITS:
+            raise ValueError(f"eval_split must be one of {EVALUATION_SPLITS}")
+        if self.feedback not in FEEDBACK_POLICIES:
+            raise ValueError(f"feedback must be one of {FEEDBACK_POLICIES}")
+        if self.feedback_authors not in FEEDBACK_AUTHORS:
+            raise ValueError(f"feedback_authors must be one of {FEEDBACK_AUTHORS}")
 
     @property
     def ks(self) -> list[int]:

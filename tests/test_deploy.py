@@ -84,7 +84,9 @@ def check_command(argv: list[str]) -> None:
     if program == "ilf":
         scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
         assert scripts.get("ilf") == "cli.main:main", "the ilf console script must be cli.main:main"
-        assert argv[1:2] == ["serve"], f"containers run `ilf serve NAME`, got {argv}"
+        if argv[1:2] == ["retrain"]:
+            return  # the retraining policy: a client of the services (test_the_retraining_policy_...)
+        assert argv[1:2] == ["serve"], f"containers run `ilf serve NAME` or `ilf retrain`, got {argv}"
         assert argv[2] in service_names(), f"`ilf serve {argv[2]}`: not one of {service_names()}"
     elif program.startswith("python") and argv[1:2] == ["-m"]:
         module = argv[2]
@@ -245,7 +247,9 @@ def compose() -> dict:
 
 
 def compose_ilf_services() -> dict[str, dict]:
-    return {name: svc for name, svc in compose()["services"].items() if svc.get("image", "").startswith("ilf-")}
+    """The compose services that serve one of the five gRPC services (not the retraining policy)."""
+    return {name: svc for name, svc in compose()["services"].items()
+            if svc.get("image", "").startswith("ilf-") and svc.get("command", [""])[0] == "serve"}
 
 
 def compose_environment(service: dict) -> dict[str, str]:
@@ -389,7 +393,8 @@ def test_overlay_runs_every_service_from_the_image_entry_point(overlay):
             argv = container.get("command") or entrypoint
             argv = argv + container.get("args", [])
             check_command(argv)
-            started[served_service(argv)] = (name, container)
+            if served_service(argv):
+                started[served_service(argv)] = (name, container)
     assert set(started) == set(service_names()), f"services without a workload: {set(service_names()) - set(started)}"
 
 
@@ -617,6 +622,33 @@ def test_training_role_allows_exactly_what_the_launcher_calls(overlay):
     env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     namespace = next(e for e in env if e["name"] == "ILF_TRAINING_K8S_NAMESPACE")
     assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def check_retrain_flags(flags: str, tmp_path, monkeypatch) -> None:
+    """`ilf retrain` accepts these flags as ILF_RETRAIN_ARGS (and runs no round with --max-rounds 0)."""
+    from cli.main import main
+    monkeypatch.setenv("ILF_STORE", f"file://{tmp_path}/store")
+    monkeypatch.setenv("ILF_RETRAIN_ARGS", flags)
+    assert main(["retrain", "--max-rounds", "0"]) == 0, f"ilf retrain refuses ILF_RETRAIN_ARGS={flags!r}"
+
+
+def test_the_retraining_policy_runs_once_from_the_image_with_flags_it_accepts(tmp_path, monkeypatch):
+    entrypoint = image_entrypoint(ROOT / "docker" / "Dockerfile.services")
+    policy = compose()["services"]["retrain"]
+    assert policy["image"] == compose()["services"]["feedback"]["image"] and policy["command"] == ["retrain"]
+    check_command(entrypoint + policy["command"])
+    assert policy["healthcheck"]["disable"] and not policy.get("ports"), "no gRPC server to probe or publish"
+    env = compose_environment(policy)
+    check_retrain_flags(env["ILF_RETRAIN_ARGS"], tmp_path, monkeypatch)
+    assert {f"ILF_{s.upper()}_ADDR" for s in service_names()} <= set(env) and env["ILF_STORE"].startswith("s3://")
+    for overlay in OVERLAYS:
+        deployment = objects(overlay, "Deployment")["retrain"]
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"] == ["retrain"] and [p["name"] for p in container["ports"]] == ["metrics"]
+        env = container_env(overlay, container)
+        assert {f"ILF_{s.upper()}_ADDR" for s in service_names()} <= set(env) and "ILF_S3_ACCESS_KEY" in env
+        check_retrain_flags(env["ILF_RETRAIN_ARGS"], tmp_path, monkeypatch)
 
 
 def test_only_the_training_service_talks_to_the_api_server(overlay):

@@ -22,8 +22,10 @@ from loop.settings import RoundSettings
 from ilf.store import open_store
 from ilf.v1 import common_pb2, execution_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
 
+# These rounds refine the paper's annotations (a fresh store has no feedback on the tiny model's programs;
+# tests/test_closed_loop.py collects and answers that).
 SMALL = dict(eval_tasks=3, eval_samples=2, eval_temperature=0.8, train_tasks=3, refine_samples=1,
-             max_new_tokens=12, epochs=1, batch_size=2)
+             max_new_tokens=12, epochs=1, batch_size=2, feedback="paper")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,12 @@ def test_round_without_passing_refinement_keeps_the_serving_model(system):
     refiner_version = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest()).serving_version
     assert refiner_version == report["refiner"]["model_version"] == report["data"]["refinement_model"]
     assert Registry(store).get(refiner_version).lineage["purpose"] == "refinement"
+    # pi_Refine is trained from its base model, never stacked on the previous round's pi_Refine
+    assert report["refiner"]["base_version"] == Registry(store).chain(refiner_version)[-1].version
+    assert report["feedback"] == {"policy": "paper", "authors": "human", "records": 3, "tasks": 3,
+                                  "by_model_version": {"unknown (not a model of this registry)": 3},
+                                  "by_author_kind": {"human": 3}}
+    assert report["promotion"] == {"promoted": False, "reason": "no candidate: nothing to train"}
     # A random model's refinements never pass, so nothing may be trained or switched.
     assert report["data"]["refinements"] == 3 and report["data"]["passing_refinements"] == 0
     assert report["outcome"].startswith("no passing refinement")
@@ -76,6 +84,7 @@ def test_the_evaluation_gate_keeps_a_candidate_that_is_not_better_enough_unpromo
     report = run_round(RoundSettings(**{**SMALL, "train_on": "gold", "promote_margin": -1.0}), clients, store)
     candidate = report["run"]["model_version"]
     assert report["outcome"].startswith(f"candidate {candidate} not promoted")
+    assert "a drop of more than the margin -1.0" in report["promotion"]["reason"] in report["markdown"]
     assert serving_version(clients) == before
     assert Registry(store).get(candidate).lineage["purpose"] == "generation"  # registered, just not serving
 
@@ -88,6 +97,7 @@ def test_round_trains_evaluates_and_switches_to_the_new_version(system):
     assert report["after"]["model_version"] == candidate != before
     assert serving_version(clients) == candidate
     assert report["outcome"] == f"switched serving from {before} to {candidate}"
+    assert report["promotion"]["promoted"] and "no drop of more than the margin 0.0" in report["promotion"]["reason"]
     version = Registry(store).get(candidate)
     assert version.base_version == before and version.kind == "lora"
     assert version.lineage["dataset"] == report["dataset"]["key"]
