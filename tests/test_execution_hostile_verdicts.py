@@ -169,6 +169,14 @@ FORGERIES = {
     "expected_value_from_a_comprehension_over_the_program": ("""
         def f(x): return x
         """, "assert [f(i) for i in range(3)] == [0, 1, 2]", ERROR),
+    "rebound_sorted_applied_to_the_program": ("""
+        def sorted(values, **options): return [1, 2, 3]
+        def f(x): return [9]
+        """, "assert sorted(f(1)) == [1, 2, 3]", ERROR),
+    "rebound_sum_on_the_expected_side": ("""
+        def sum(values): return 'same'
+        def f(x): return 'same'
+        """, "assert f(3) == sum([1, 2])", ERROR),
     "generator_of_lying_items_to_all": ("""
         class Truthy:
             def __bool__(self): return True
@@ -181,7 +189,8 @@ FORGERIES = {
 def test_a_program_cannot_reach_the_expected_side(executor, name):
     program, test, verdict = FORGERIES[name]
     outcome = contained(executor, program, [test, "assert 2 + 2 == 4"], [verdict, PASSED])
-    if name in ("fake_math_module", "expected_value_from_a_comprehension_over_the_program"):
+    if name in ("fake_math_module", "expected_value_from_a_comprehension_over_the_program",
+                "rebound_sorted_applied_to_the_program", "rebound_sum_on_the_expected_side"):
         assert outcome.tests[0].error_type == "UnsupportedTest" and "outside the sandbox" in outcome.tests[0].error_message
 
 

@@ -333,6 +333,12 @@ def _hashable(value: Any) -> bool:
         return False
 
 
+def _one_argument(function, args, kwargs):
+    if len(args) != 1 or kwargs:
+        raise Unsupported(f"the service calls {function.__name__}() with one argument only")
+    return function(*args)
+
+
 def _cheap(function, args, kwargs):
     """Constant time on bounded values (len, isinstance, math on floats, ...)."""
     return _checked(function(*args, **kwargs))
@@ -459,7 +465,7 @@ TRUSTED_BUILTINS: dict[str, tuple[Any, Callable]] = {
     "pow": (pow, lambda _, args, kwargs: _power(*args, **kwargs)), "range": (range, _range),
     "repr": (repr, _walks(4)), "reversed": (reversed, _walks()), "round": (round, _rounding),
     "set": (set, _walks()), "sorted": (sorted, _walks(logarithmic=True)), "str": (str, _walks(4)),
-    "sum": (sum, _sum), "tuple": (tuple, _walks()), "type": (type, _cheap), "zip": (zip, _walks()),
+    "sum": (sum, _sum), "tuple": (tuple, _walks()), "type": (type, lambda function, args, kwargs: _one_argument(function, args, kwargs)), "zip": (zip, _walks()),
 }
 
 # Methods of plain data (and of what trusted functions return), none of which changes its object.
@@ -795,6 +801,8 @@ class _Planner:
         self.meanings = meanings
         self.holes: list[Hole] = []
         self.no_holes_reason = ""  # set inside comprehension bodies and lambdas
+        self.shadowing: set[int] = set()  # holes that call a builtin or stdlib name the program rebinds
+        self.meter = Meter()  # what folding the test's own constant parts may cost
 
     def meaning(self, name: str) -> str:
         return self.meanings.get(name) or NO_BINDINGS.resolve(name)
@@ -823,11 +831,19 @@ class _Planner:
             root = root.func if isinstance(root, ast.Call) else root.value
         if root is not node and isinstance(root, ast.Name) and root.id in TRUSTED_MODULES:
             raise Unsupported(f"the program binds `{root.id}`, which the test uses as the standard {root.id} module")
+        # The program may define a function named like a builtin and the test call it (its entry point), but a
+        # builtin it rebinds never applies to the program's own values: that would let it judge itself.
+        shadowing = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _MEANINGFUL_NAMES
+        if shadowing and any(self.is_program(n, scope) for argument in (*node.args, *node.keywords)
+                             for n in ast.walk(argument) if isinstance(n, ast.Name)):
+            raise Unsupported(f"the program rebinds `{node.func.id}`, which the test applies to the program's values")
         if names and all(self.meaning(name) == "setup" for name in names):
             raise Unsupported(f"`{self.source_of(node)}` comes only from test_setup_code, which runs inside the "
                               "sandbox; the service does not trust it as an expected value")
         index = len(self.holes)
         self.holes.append(Hole(self.source_of(node), mode))
+        if shadowing:
+            self.shadowing.add(index)
 
         def value(scope_: Scope):
             found = scope_.holes[index]
@@ -859,8 +875,8 @@ class _Planner:
         return evaluate
 
     def fold(self, evaluate: Callable[[Scope], Any]) -> Callable[[Scope], Any]:
-        """A sub-expression without holes or local names is evaluated once, here, under its own meter."""
-        _meter.meter = Meter()
+        """A sub-expression without holes or local names is evaluated once, here, under the test's plan meter."""
+        _meter.meter = self.meter
         try:
             value = evaluate(Scope([], {}))
         except Unsupported:
@@ -982,12 +998,16 @@ class _Planner:
         return lambda s: body(s) if test(s) else orelse(s)
 
     def compile_Compare(self, node, scope):
-        operands, has_holes = [], []
+        operands, has_holes, shadowing = [], [], False
         for index, operand in enumerate([node.left, *node.comparators]):
             before = len(self.holes)
             contained = index > 0 and type(node.ops[index - 1]) in (ast.In, ast.NotIn)
             operands.append(self.compile(operand, scope, "iterate" if contained else "value"))
             has_holes.append(len(self.holes) > before)
+            shadowing |= bool(self.shadowing & set(range(before, len(self.holes))))
+        if shadowing and sum(has_holes) > 1:
+            raise Unsupported("the test compares the program's values with a builtin or standard-library name the "
+                              "program rebinds")
         comparisons = []
         for index, op in enumerate(node.ops):
             left_holes, right_holes = has_holes[index], has_holes[index + 1]
