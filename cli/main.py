@@ -209,7 +209,7 @@ def print_fleet_status(registry) -> None:
         if not reports:
             print("  no replica has reported in the last hour")
         for r in reports:
-            state = "stopped" if r.stopped else "live" if r.alive(now) else "gone"
+            state = "live" if r.alive(now) else "gone"
             canary_part = f" canary {r.canary_version} ({r.canary_share:.0%})" if r.canary_version else ""
             print(f"  {r.replica:40s} {state:7s} serving {r.serving_version}{canary_part}  "
                   f"loaded: {', '.join(r.loaded_versions) or '-'}  reported {now - r.updated_at:.0f} s ago"

@@ -4,7 +4,8 @@ The serving pointer (ilf.registry) says which version a channel serves, and duri
 gets what share of new requests. Every generation and refinement replica reads it every ILF_SERVING_POLL_S,
 applies a change (a hot swap with the usual guarantees: a failed load keeps the old version), and writes what
 it serves to fleet/<channel>/<replica>.json, which `ilf models status` and `ilf promote` read. A replica that
-stopped says so in its last report; one that died stops refreshing it and counts as gone.
+stops removes its report; one that died stops refreshing it, counts as gone, and its report is removed by the
+next replica of the channel that starts a day later.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ PREFIX = "fleet/"
 # A version that failed to load is tried again this long after, in case the cause (a full disk, the store
 # being away) has passed; a new pointer is tried at once.
 RETRY_FAILED_S = 60.0
+# Reports of replicas that died are kept this long for `ilf models status`, then removed.
+GONE_KEPT_S = 86400.0
 
 
 def replica_name() -> str:
@@ -46,12 +49,11 @@ class ReplicaReport:
     error: str = ""               # why applying the pointer failed ("" when it worked)
     poll_s: float = 0.0
     updated_at: float = 0.0
-    stopped: bool = False
 
     def alive(self, now: float | None = None) -> bool:
-        """Reported lately and not stopped: three missed polls (plus slack for a slow store) mean gone."""
+        """Reported lately: three missed polls (plus slack for a slow store) mean gone."""
         now = time.time() if now is None else now
-        return not self.stopped and now - self.updated_at <= 3 * self.poll_s + 10
+        return now - self.updated_at <= 3 * self.poll_s + 10
 
     @classmethod
     def from_dict(cls, value: dict) -> "ReplicaReport":
@@ -59,7 +61,7 @@ class ReplicaReport:
 
 
 def read_reports(registry: Registry, channel: str) -> list[ReplicaReport]:
-    """Every report of the channel's replicas, newest first (stopped and gone ones included)."""
+    """Every report of the channel's replicas, newest first (gone ones included)."""
     reports = []
     for key in registry.store.list(f"{PREFIX}{channel}/"):
         try:
@@ -107,20 +109,21 @@ class PointerFollower:
             self._apply(pointer, first or self.apply)
         if self.describe:
             self._report()
+            self._remove_long_gone()
         self._thread = threading.Thread(target=self._run, name=f"follow-{self.channel}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops polling; the last report says the replica stopped, so nobody waits for it."""
+        """Stops polling and removes this replica's report, so nobody waits for it."""
         self._stopped.set()
         if not self._thread:
             return
         self._thread.join(timeout=10)
         if self.describe:
             try:
-                self._report(stopped=True)
+                self.registry.store.delete(self._key(self.replica))
             except Exception:  # noqa: BLE001 - stopping must not fail; the report ages out instead
-                log.warning("could not write the stopped report of %s", self.replica, exc_info=True)
+                log.warning("could not remove the report of %s", self.replica, exc_info=True)
 
     def _run(self) -> None:
         while not self._stopped.wait(self.poll_s):
@@ -148,8 +151,16 @@ class PointerFollower:
             self._retry_at = time.monotonic() + RETRY_FAILED_S
             log.warning("could not follow the %s pointer (%s): %s", self.channel, _named(pointer), error)
 
-    def _report(self, stopped: bool = False) -> None:
+    def _key(self, replica: str) -> str:
+        return f"{PREFIX}{self.channel}/{replica}.json"
+
+    def _report(self) -> None:
         report = ReplicaReport(replica=self.replica, channel=self.channel, pointer_version=self.pointer_version,
                                pointer_updated_at=self.applied_at, error=self.error, poll_s=self.poll_s,
-                               updated_at=time.time(), stopped=stopped, **self.describe())
-        self.registry.store.put_json(f"{PREFIX}{self.channel}/{self.replica}.json", asdict(report), overwrite=True)
+                               updated_at=time.time(), **self.describe())
+        self.registry.store.put_json(self._key(self.replica), asdict(report), overwrite=True)
+
+    def _remove_long_gone(self) -> None:
+        for report in read_reports(self.registry, self.channel):
+            if time.time() - report.updated_at > GONE_KEPT_S:
+                self.registry.store.delete(self._key(report.replica))

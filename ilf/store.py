@@ -43,6 +43,11 @@ class ArtifactStore(ABC):
     def list(self, prefix: str) -> list[str]:
         """Keys under prefix, sorted."""
 
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Removes a key (gone already is fine): only for the few objects that describe the present, such as
+        replica reports, never for artifacts."""
+
     def put_json(self, key: str, value, *, overwrite: bool = False) -> None:
         self.put(key, json.dumps(value, indent=2, sort_keys=True).encode(), overwrite=overwrite)
 
@@ -143,6 +148,9 @@ class LocalStore(ArtifactStore):
     def exists(self, key):
         return self._path(key).is_file()
 
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
     def list(self, prefix):
         base = self.root
         return sorted(
@@ -234,6 +242,9 @@ class S3Store(ArtifactStore):
             return [o.object_name for o in self.client.list_objects(self.bucket, prefix=self.prefix + prefix,
                                                                     recursive=True)]
         return sorted(name[len(self.prefix):] for name in self._retrying(names))
+
+    def delete(self, key):
+        self._retrying(lambda: self.client.remove_object(self.bucket, self._key(key)))
 
 
 def open_store(url: str | None = None) -> ArtifactStore:

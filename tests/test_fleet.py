@@ -302,9 +302,8 @@ def test_promote_reaches_every_replica_under_load(fleet_env, dns, local_registry
         assert all("lora-bad" in r.error for r in promotion.wait.lagging)
     finally:
         stop(replicas)
-    # Stopped replicas say so: nobody waits for them.
-    assert all(r.stopped for r in read_reports(local_registry, "generation") if r.replica in
-               {x.backend.follower.replica for x in replicas})
+    # Stopped replicas remove their reports: nobody waits for them.
+    assert read_reports(local_registry, "generation") == []
 
 
 def eos_model(registry: Registry, tiny_model_dir: Path, target: Path, version: str) -> str:

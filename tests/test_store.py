@@ -32,6 +32,13 @@ def test_put_get_list_and_immutability(store):
         store.get("missing")
 
 
+def test_delete_removes_a_key_once_and_then_is_a_no_op(store):
+    store.put_json("fleet/generation/a.json", {"serving_version": "v1"}, overwrite=True)
+    store.delete("fleet/generation/a.json")
+    store.delete("fleet/generation/a.json")
+    assert not store.exists("fleet/generation/a.json") and store.list("fleet/") == []
+
+
 def test_folder_artifact_is_invisible_until_its_manifest_and_checked_on_fetch(store, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
