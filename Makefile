@@ -13,6 +13,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap libseccomp2; } || echo "warning: bubblewrap missing and not root: the execution service will report its sandbox as degraded"
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } || echo "warning: chromium missing and not root: the annotation page's browser tests will skip"
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } || echo "warning: prometheus missing and not root: the test that scrapes every service with a real Prometheus will skip"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

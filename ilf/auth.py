@@ -2,7 +2,8 @@
 
 Tokens come from ILF_AUTH_TOKENS_FILE (a Kubernetes Secret mounts it): JSON
 (`[{"token": ..., "role": ..., "name": ...}]`, or that list under "tokens") or lines `token role [name]`.
-A `client` may generate, refine, execute and submit or read feedback; an `operator` may call everything.
+A `client` may generate, refine, execute and submit or read feedback; an `annotator` may read the annotation
+queue and answer it (the people behind the annotation page), nothing else; an `operator` may call everything.
 Health and reflection stay open so probes and grpcurl work without a token.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ilf import config
 
 log = logging.getLogger(__name__)
 
-ROLES = ("client", "operator")
+ROLES = ("client", "annotator", "operator")
 OPEN_METHODS = ("grpc.health.v1.Health/*", "grpc.reflection.v1alpha.ServerReflection/*",
                 "grpc.reflection.v1.ServerReflection/*")
 # The one method -> role table. A method matching none of these needs `operator`, so a new RPC is
@@ -32,6 +33,11 @@ CLIENT_METHODS = (
     "ilf.v1.Refinement/Refine", "ilf.v1.Refinement/GetModelStatus",
     "ilf.v1.Execution/*",
     "ilf.v1.Feedback/Submit*", "ilf.v1.Feedback/Get*", "ilf.v1.Feedback/List*", "ilf.v1.Feedback/GenerateFeedback",
+)
+# An annotator reads the queue and writes feedback: no generation, execution, exports or model-written feedback.
+ANNOTATOR_METHODS = (
+    "ilf.v1.Feedback/ListQueue", "ilf.v1.Feedback/LeaseItem", "ilf.v1.Feedback/SkipItem", "ilf.v1.Feedback/AnswerItem",
+    "ilf.v1.Feedback/SubmitFeedback",
 )
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -58,6 +64,18 @@ def required_role(method: str) -> str | None:
     if any(fnmatch.fnmatchcase(method, pattern) for pattern in CLIENT_METHODS):
         return "client"
     return "operator"
+
+
+def grants(role: str, needed: str) -> bool:
+    """Whether a caller of `role` may use what needs `needed`: the operator everything, the others their own."""
+    return role == "operator" or role == needed
+
+
+def permits(role: str, method: str) -> bool:
+    """Whether a caller of `role` may call `method` ("/pkg.Service/Method")."""
+    needed = required_role(method)
+    return (needed is None or grants(role, needed)
+            or role == "annotator" and any(fnmatch.fnmatchcase(method.lstrip("/"), p) for p in ANNOTATOR_METHODS))
 
 
 def parse_tokens(text: str) -> list[tuple[str, Caller]]:
@@ -148,9 +166,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if who is None:
             return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
                            "a valid bearer token is required (metadata `authorization: Bearer <token>`)")
-        if needed == "operator" and who.role != "operator":
+        if not permits(who.role, handler_call_details.method):
             return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
-                           f"{handler_call_details.method} needs the operator role; {who.name} is a {who.role}")
+                           f"{handler_call_details.method} needs the {needed} role; {who.name} is a {who.role}")
         return with_caller(handler, who)
 
 

@@ -203,6 +203,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_EXECUTION_PORT", "50053", "gRPC port of the execution service.", PORT),
     Setting("ILF_TRAINING_PORT", "50054", "gRPC port of the training service.", PORT),
     Setting("ILF_FEEDBACK_PORT", "50055", "gRPC port of the feedback service.", PORT),
+    Setting("ILF_FEEDBACK_HTTP_PORT", "", "Port of the feedback service's annotation page (sign-in with an annotator "
+            "or operator token; HTTPS with ILF_TLS_CERT); empty: off.", optional(PORT)),
+    Setting("ILF_FEEDBACK_LEASE_S", "10m", "How long a queue item opened on the annotation page stays with its annotator.",
+            DURATION),
     Setting("ILF_GENERATION_ADDR", "localhost:50051", "Where clients reach the generation service."),
     Setting("ILF_REFINEMENT_ADDR", "localhost:50052", "Where clients reach the refinement service."),
     Setting("ILF_EXECUTION_ADDR", "localhost:50053", "Where clients reach the execution service."),
@@ -213,7 +217,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "Bearer-token auth: on, off, or auto (on with ILF_AUTH_TOKENS_FILE, off on a loopback bind, "
             "else the services refuse to start).", choice("auto", "on", "off")),
     Setting("ILF_AUTH_TOKENS_FILE", "",
-            "Tokens the services accept: JSON [{token, role, name}] or lines `token role [name]`; role client or operator.", PATH),
+            "Tokens the services accept: JSON [{token, role, name}] or lines `token role [name]`; role client, annotator or operator.", PATH),
     Setting("ILF_AUTH_TOKEN", "", "Bearer token clients (and services calling services, over gRPC or TGI HTTP) send."),
     Setting("ILF_TLS_CERT", "", "PEM certificate of this server, also presented as client certificate when set.", PATH),
     Setting("ILF_TLS_KEY", "", "PEM private key of ILF_TLS_CERT.", PATH),

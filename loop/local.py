@@ -11,23 +11,33 @@ from ilf import config
 from ilf.grpc_util import wait_healthy
 
 SERVICES = ("execution", "generation", "refinement", "training", "feedback")
+LOCAL_WEB_PORT = 8055     # the annotation page of `ilf demo` and `ilf up` unless ILF_FEEDBACK_HTTP_PORT names one
 
 
 class LocalServices:
     """Context manager: each service in its own process, logs under log_dir, stopped on exit."""
 
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None, ports: dict[str, int] | None = None,
-                 startup_timeout_s: float = 600.0, metrics_ports: dict[str, int] | None = None):
+                 startup_timeout_s: float = 600.0, metrics_ports: dict[str, int] | None = None,
+                 web_port: int | None = None):
         self.log_dir = Path(log_dir)
         self.env = {**os.environ, **(env or {})}
         self.ports = ports or {name: int(config.get(f"ILF_{name.upper()}_PORT")) for name in SERVICES}
         self.metrics_ports = metrics_ports or {}   # each process has its own /metrics port (ILF_METRICS_PORT)
+        # The feedback service's annotation page: on for the local deployment; on explicit ports (tests) only when asked.
+        configured = config.get("ILF_FEEDBACK_HTTP_PORT")
+        self.web_port = web_port if web_port is not None or ports else (
+            LOCAL_WEB_PORT if configured is None else configured)
         self.startup_timeout_s = startup_timeout_s
         self.processes: dict[str, subprocess.Popen] = {}
 
     @property
     def addresses(self) -> dict[str, str]:
         return {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
+
+    @property
+    def web_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.web_port}" if self.web_port is not None else None
 
     def _start(self, name: str) -> None:
         env = dict(self.env)
@@ -36,6 +46,7 @@ class LocalServices:
             env[f"ILF_{service.upper()}_ADDR"] = self.addresses[service]
         if name in self.metrics_ports:
             env["ILF_METRICS_PORT"] = str(self.metrics_ports[name])
+        env["ILF_FEEDBACK_HTTP_PORT"] = str(self.web_port) if name == "feedback" and self.web_port is not None else ""
         with open(self.log_dir / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,

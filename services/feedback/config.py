@@ -12,6 +12,8 @@ from ilf.grpc_util import ServerConfig
 class FeedbackConfig(Section):
     LABEL: ClassVar[str] = "feedback"
     port: int = setting("ILF_FEEDBACK_PORT")
+    http_port: int | None = setting("ILF_FEEDBACK_HTTP_PORT")     # the annotation page; None: off
+    lease_s: float = setting("ILF_FEEDBACK_LEASE_S")
     execution_addr: str = setting("ILF_EXECUTION_ADDR")
     generation_addr: str = setting("ILF_GENERATION_ADDR")
     server: ServerConfig = nested(ServerConfig)

@@ -15,7 +15,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from ilf.auth import configured_tokens
+from ilf.auth import configured_tokens, grants
 from ilf.errors import InvalidArgument, InvalidField
 
 from .request import GenerationHandle, TokenEvent
@@ -146,8 +146,8 @@ class HttpServer:
         caller = self._tokens.caller_for(request.headers.get("Authorization", ""))
         if caller is None:
             return protocol.refusal(401, "a valid bearer token is required (header `Authorization: Bearer <token>`)")
-        if route.role == "operator" and caller.role != "operator":
-            return protocol.refusal(403, f"{route.method} {route.path} needs the operator role; "
+        if not grants(caller.role, route.role):
+            return protocol.refusal(403, f"{route.method} {route.path} needs the {route.role} role; "
                                          f"{caller.name} is a {caller.role}")
         return await handler(request)
 
