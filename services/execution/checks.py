@@ -48,6 +48,7 @@ MAX_PROGRAM_COST = 20_000_000
 MAX_INT_BITS = 1 << 16        # an integer's size: multiplying or dividing two stays in the milliseconds
 MAX_TEXT_WIDTH = 10_000       # widths and precisions in format specifications, round()'s digits
 STEP_COST = 25                # one comprehension iteration or lambda call, interpreted here
+TEXT_PER_UNIT = 16            # characters compared per unit; text built costs a unit per 4 (MAX_TEXT_BUILT)
 # pytest.approx defaults, which the paper's evaluation uses for floats.
 REL_TOL, ABS_TOL = 1e-6, 1e-12
 PLAN_CACHE_SIZE = 4096
@@ -102,7 +103,9 @@ class Meter:
         kind = type(value)
         if kind is int:
             return 1 + (value.bit_length() >> 10)
-        if kind in (str, bytes, range):
+        if kind is str or kind is bytes:
+            return 1 + len(value) // TEXT_PER_UNIT  # compared and hashed a machine word at a time
+        if kind is range:
             return 1 + _iteration_length(value)
         if kind not in _CONTAINERS:
             return 1  # scalars, functions, types; lazy iterators charge as they are consumed
@@ -217,9 +220,13 @@ def _repeat(sequence: Any, times: Any) -> Any:
         times = int(times)
     if type(times) is not int:
         return operator.mul(sequence, times)  # TypeError, as Python says it
-    size = _current().size(sequence) * max(times, 0)
-    _current().charge(size)
-    return _current().record(sequence * times, size)
+    meter = _current()
+    if type(sequence) in (str, bytes):
+        meter.charge(len(sequence) * max(times, 0) // 4)
+        return sequence * times
+    size = meter.size(sequence) * max(times, 0)
+    meter.charge(size)
+    return meter.record(sequence * times, size)
 
 
 def _multiply(a: Any, b: Any) -> Any:
@@ -265,7 +272,8 @@ def _division(op: Callable) -> Callable[[Any, Any], Any]:
         if type(a) is int and type(b) is int:
             _current().charge(_int_cost(a, b))
         elif type(a) in (str, bytes):
-            raise Unsupported("the service does not apply %-formatting to text")
+            _format_string(a.decode("ascii", "replace") if type(a) is bytes else a)
+            _current().walk(a, b, factor=4)
         return op(a, b)
     return divide
 
@@ -439,6 +447,20 @@ def _choose_bits(n, k=None):
     return max(min(k, n), 0) * max(n.bit_length(), 1)
 
 
+def _format_string(text: str) -> None:
+    """A %-format or str.format() template: widths and precisions bounded, none taken from the arguments (`*`),
+    and no attribute or item lookups inside replacement fields."""
+    _formatting(text)
+    fields = text.replace("{{", "").replace("}}", "")  # escaped braces are text
+    if re.search(r"%[-#0 +\d.]*\*", text) or re.search(r"\{[^{}:!]*[.\[]|\{[^{}]*\{", fields):
+        raise Unsupported(f"the service formats with fixed widths and plain fields only ({text[:80]!r})")
+
+
+def _format_method(function, args, kwargs):
+    _format_string(args[0])
+    return _walks(4)(function, args, kwargs)
+
+
 def _formatting(spec: str) -> str:
     if any(len(number) > len(str(MAX_TEXT_WIDTH)) for number in re.findall(r"\d+", spec)):
         raise EvaluationLimit(f"a format specification wider than {MAX_TEXT_WIDTH:,} ({spec!r})")
@@ -475,7 +497,7 @@ METHODS: dict[type, dict[str, Callable]] = {
         "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric", "isspace", "istitle", "isupper", "lower",
         "lstrip", "partition", "removeprefix", "removesuffix", "rfind", "rindex", "rpartition", "rsplit", "rstrip",
         "split", "splitlines", "startswith", "strip", "swapcase", "title", "upper")},
-        "encode": _walks(4), "replace": _replace, "join": _join,
+        "encode": _walks(4), "replace": _replace, "join": _join, "format": _format_method,
         **{name: _padding for name in ("center", "ljust", "rjust", "zfill")}},
     bytes: {**{name: _walks() for name in (
         "count", "decode", "endswith", "find", "hex", "index", "isalnum", "isalpha", "isdigit", "lower", "lstrip",
@@ -789,6 +811,8 @@ def _raising(error: Exception) -> Callable[[Scope], Any]:
     return evaluate
 
 
+_LITERAL_ROOTS = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict)
+_LITERAL_NODES = (*_LITERAL_ROOTS, ast.Load, ast.UnaryOp, ast.USub, ast.UAdd)
 # Values a hole-free sub-expression may be folded into at plan time (immutable, or never changed here).
 _FOLDABLE = (*PLAIN_TYPES, range, type, Guarded, Lambda)
 
@@ -799,6 +823,7 @@ class _Planner:
     def __init__(self, source: str, meanings: dict[str, str]):
         self.lines = source.encode().splitlines(keepends=True)
         self.meanings = meanings
+        self.from_setup = "setup" in meanings.values()
         self.holes: list[Hole] = []
         self.no_holes_reason = ""  # set inside comprehension bodies and lambdas
         self.shadowing: set[int] = set()  # holes that call a builtin or stdlib name the program rebinds
@@ -823,8 +848,7 @@ class _Planner:
     def hole(self, node: ast.expr, scope: frozenset[str], mode: str) -> Callable[[Scope], Any]:
         if self.no_holes_reason:
             raise Unsupported(self.no_holes_reason)
-        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-        if names & scope:
+        if scope and _names_in(node) & scope:
             raise Unsupported(f"`{self.source_of(node)}` uses the test's own variables inside the program's code")
         root = node
         while isinstance(root, (ast.Call, ast.Attribute)):
@@ -837,7 +861,7 @@ class _Planner:
         if shadowing and any(self.is_program(n, scope) for argument in (*node.args, *node.keywords)
                              for n in ast.walk(argument) if isinstance(n, ast.Name)):
             raise Unsupported(f"the program rebinds `{node.func.id}`, which the test applies to the program's values")
-        if names and all(self.meaning(name) == "setup" for name in names):
+        if self.from_setup and (names := _names_in(node)) and all(self.meaning(name) == "setup" for name in names):
             raise Unsupported(f"`{self.source_of(node)}` comes only from test_setup_code, which runs inside the "
                               "sandbox; the service does not trust it as an expected value")
         index = len(self.holes)
@@ -862,6 +886,11 @@ class _Planner:
 
     # Compilation --------------------------------------------------------------------------------
     def compile(self, node: ast.expr, scope: frozenset[str], mode: str) -> Callable[[Scope], Any]:
+        if isinstance(node, _LITERAL_ROOTS) and all(isinstance(n, _LITERAL_NODES) for n in ast.walk(node)):
+            try:  # a literal (most expected values): built once, by the parser's own rules
+                return _constant(ast.literal_eval(node))
+            except (ValueError, TypeError):
+                pass  # `-(-1)`, `{[1]: 2}`: evaluated below, raising where Python would
         if self.is_program(node, scope):
             return self.hole(node, scope, mode)
         holes_before = len(self.holes)
@@ -870,7 +899,7 @@ class _Planner:
             raise Unsupported(f"the service does not evaluate {type(node).__name__} expressions "
                               f"(`{self.source_of(node)}`)")
         evaluate = compiler(node, scope)
-        if len(self.holes) == holes_before and not (scope & {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}):
+        if len(self.holes) == holes_before and not (scope and _names_in(node) & scope):
             return self.fold(evaluate)
         return evaluate
 
@@ -1190,6 +1219,10 @@ class _Module:
                 raise Unsupported(f"the service does not evaluate {self.name}.{attribute}")
             raise AttributeError(f"module '{self.name}' has no attribute '{attribute}'")
         return members[attribute][0]
+
+
+def _names_in(node: ast.expr) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
 def _target_names(target: ast.expr) -> set[str]:
