@@ -571,7 +571,7 @@ CLIENT_VERBS = {"create": "create", "read": "get", "list": "list", "delete": "de
 # kubernetes client resource suffix -> (API group, resource)
 CLIENT_RESOURCES = {"job": ("batch", "jobs"), "pod": ("", "pods"), "pod_log": ("", "pods/log"),
                     "pod_template": ("", "podtemplates"), "event": ("", "events"), "secret": ("", "secrets"),
-                    "config_map": ("", "configmaps")}
+                    "config_map": ("", "configmaps"), "service": ("", "services")}
 
 
 def rules_as_permissions(rules) -> set[tuple[str, str, str]]:

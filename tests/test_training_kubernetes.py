@@ -1,20 +1,24 @@
 """Training runs through the Kubernetes launcher against the kmock API emulator.
 
-kmock stores objects but runs nothing, so FakeKubelet plays the node: it runs each Job's
+kmock stores objects but runs nothing, so FakeKubelet plays the nodes: it runs each Job's
 container command as a local process (with the Secret's keys in its environment), enforces the
 Job's deadline and the container's memory limit (killing it the way the OOM killer does), writes
-the pod's termination and the Job's conditions back, and retries up to backoffLimit.
+the pod's termination and the Job's conditions back, and retries up to backoffLimit. An Indexed
+Job gets one pod per index, each with JOB_COMPLETION_INDEX as the Job controller sets it; all
+of them are on this machine, so the fake cluster DNS resolves their names to 127.0.0.1.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,13 +49,23 @@ class Emulator:
 
     async def _serve(self):
         kmock = self.kmock
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator, port=int(self.url.rsplit(":", 1)[1])):
+
+        class ApiServer(kmock.KubernetesEmulator):
+            """kmock's emulator, plus what an API server gives every object it creates: a uid."""
+
+            async def _handle(self, request):
+                if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                    request.data.setdefault("metadata", {}).setdefault("uid", str(uuid.uuid4()))
+                return await super()._handle(request)
+
+        async with ApiServer() as emulator, kmock.Server(emulator, port=int(self.url.rsplit(":", 1)[1])):
             verbs = {"list", "get", "create", "patch", "delete"}
             emulator.resources["batch/v1/jobs"] = kmock.ResourceInfo(kind="Job", namespaced=True, verbs=verbs,
                                                                      subresources={"status"})
             emulator.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=verbs,
                                                                subresources={"status"})
             emulator.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=verbs)
+            emulator.resources["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=verbs)
             self.loop, self.stopped = asyncio.get_running_loop(), asyncio.Event()
             self.ready.set()
             await self.stopped.wait()
@@ -87,7 +101,8 @@ class FakeKubelet:
         api = client.ApiClient(configuration)
         self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
         self.log_dir = log_dir
-        self.jobs: dict[str, dict] = {}  # job name -> {manifest, process, attempt, failures, started}
+        # job name -> {manifest, pods, process (index 0's), attempt, failures, started}
+        self.jobs: dict[str, dict] = {}
         self.seen_manifests: list = []
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -97,9 +112,7 @@ class FakeKubelet:
         self.stopped.set()
         self.thread.join(timeout=10)
         for job in self.jobs.values():
-            if job["process"] and job["process"].poll() is None:
-                os.killpg(job["process"].pid, signal.SIGKILL)
-                job["process"].wait()
+            self._kill(job)
 
     def _loop(self):
         while not self.stopped.wait(0.2):
@@ -107,10 +120,10 @@ class FakeKubelet:
             for name, job in existing.items():
                 if name not in self.jobs:
                     self.seen_manifests.append(job)
-                    self.jobs[name] = {"manifest": job, "process": None, "attempt": 0, "failures": 0,
+                    self.jobs[name] = {"manifest": job, "pods": [], "process": None, "attempt": 0, "failures": 0,
                                        "started": time.monotonic(), "done": False}
                     self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": {"startTime": _now()}})
-                    self._start_pod(name)
+                    self._start_pods(name)
             for name, state in self.jobs.items():
                 if state["done"]:
                     continue
@@ -120,7 +133,8 @@ class FakeKubelet:
                     continue
                 self._watch(name, state)
 
-    def _start_pod(self, name: str):
+    def _start_pods(self, name: str):
+        """The Job's pods: one, or one per completion index of an Indexed Job, all started together."""
         state = self.jobs[name]
         job = state["manifest"]
         container = job.spec.template.spec.containers[0]
@@ -130,59 +144,85 @@ class FakeKubelet:
             secret = self.core.read_namespaced_secret(source.secret_ref.name, NAMESPACE)
             env.update({k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()})
             env.update(secret.string_data or {})
-        command = [sys.executable if container.command[0] == "python" else container.command[0], *container.command[1:]]
+        indexed = job.spec.completion_mode == "Indexed"
+        rendezvous_port = free_port()  # pod 0's rendezvous port, here on the one machine all pods share
         state["attempt"] += 1
-        state["pod"] = f"{name}-{state['attempt']}"
-        with open(self.log_dir / f"{state['pod']}.log", "wb") as log:
-            state["process"] = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+        state["pods"] = []
+        for index in range(job.spec.completions if indexed else 1):
+            pod_env = {**env, "JOB_COMPLETION_INDEX": str(index)} if indexed else env
+            command = [self._expand(arg, pod_env, rendezvous_port) for arg in container.command]
+            executable = {"python": [sys.executable], "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+            command = executable.get(command[0], command[:1]) + command[1:]
+            pod = f"{name}-{state['attempt']}" + (f"-{index}" if indexed else "")
+            with open(self.log_dir / f"{pod}.log", "wb") as log:
+                process = subprocess.Popen(command, cwd=REPO, env=pod_env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+            state["pods"].append({"name": pod, "process": process})
+            self.core.create_namespaced_pod(NAMESPACE, {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": NAMESPACE, "labels": job.spec.template.metadata.labels},
+                "spec": {"containers": [{"name": container.name, "image": container.image}]},
+                "status": {"phase": "Running"}})
+        state["process"] = state["pods"][0]["process"]
         state["memory_limit"] = _bytes(container.resources.limits["memory"])
-        self.core.create_namespaced_pod(NAMESPACE, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": state["pod"], "namespace": NAMESPACE, "labels": job.spec.template.metadata.labels},
-            "spec": {"containers": [{"name": container.name, "image": container.image}]},
-            "status": {"phase": "Running"}})
-        self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": {"active": 1}})
+        self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": {"active": len(state["pods"])}})
+
+    @staticmethod
+    def _expand(arg: str, env: dict, rendezvous_port: int) -> str:
+        """$(VAR) expanded as the kubelet does; a pod's DNS name (<host>.<subdomain>) resolved as cluster DNS would."""
+        arg = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+        if arg.startswith("--master-addr="):
+            return "--master-addr=127.0.0.1"
+        return f"--master-port={rendezvous_port}" if arg.startswith("--master-port=") else arg
 
     def _watch(self, name: str, state: dict):
-        job, process = state["manifest"], state["process"]
+        job = state["manifest"]
         deadline = job.spec.active_deadline_seconds
         if deadline and time.monotonic() - state["started"] > deadline:
             self._kill(state)
             return self._finish(name, state, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
-        reason = None
-        if _rss(process.pid) > state["memory_limit"]:
-            self._kill(state)
-            reason = "OOMKilled"
-        exit_code = process.poll()
-        if exit_code is None:
+        ended = []
+        for pod in state["pods"]:
+            reason = None
+            if _rss(pod["process"].pid) > state["memory_limit"]:
+                os.killpg(pod["process"].pid, signal.SIGKILL)
+                pod["process"].wait()
+                reason = "OOMKilled"
+            exit_code = pod["process"].poll()
+            if exit_code is not None:
+                ended.append((pod, 128 + signal.SIGKILL if exit_code == -signal.SIGKILL else exit_code, reason))
+        failed = [(pod, code, reason) for pod, code, reason in ended if code != 0]
+        if not failed and len(ended) < len(state["pods"]):
             return
-        exit_code = 128 + signal.SIGKILL if exit_code == -signal.SIGKILL else exit_code
-        reason = reason or ("Completed" if exit_code == 0 else "Error")
-        self.core.patch_namespaced_pod_status(state["pod"], NAMESPACE, {"status": {
-            "phase": "Succeeded" if exit_code == 0 else "Failed",
-            "containerStatuses": [{"name": "trainer", "image": "", "imageID": "", "ready": False, "restartCount": 0,
-                                   "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}]}})
-        if exit_code == 0:
+        if failed:  # the other pods of the group fail with it (at their next collective); end them now
+            self._kill(state)
+        for pod, exit_code, reason in failed or ended:
+            self.core.patch_namespaced_pod_status(pod["name"], NAMESPACE, {"status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": [{"name": "trainer", "image": "", "imageID": "", "ready": False,
+                                       "restartCount": 0, "state": {"terminated": {
+                                           "exitCode": exit_code,
+                                           "reason": reason or ("Completed" if exit_code == 0 else "Error")}}}]}})
+        if not failed:
             return self._finish(name, state, "Complete", None, None)
-        state["failures"] += 1
+        state["failures"] += len(failed)
         if state["failures"] > job.spec.backoff_limit:
             return self._finish(name, state, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
-        self._start_pod(name)
+        self._start_pods(name)
 
     def _finish(self, name, state, condition, reason, message):
         state["done"] = True
         self.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": {
-            "active": 0, "failed": state["failures"], "succeeded": int(condition == "Complete"),
+            "active": 0, "failed": state["failures"], "succeeded": len(state["pods"]) if condition == "Complete" else 0,
             "conditions": [{"type": condition, "status": "True", "reason": reason, "message": message,
                             "lastTransitionTime": _now()}]}})
 
     @staticmethod
     def _kill(state):
-        process = state["process"]
-        if process and process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        for pod in state["pods"]:
+            if pod["process"].poll() is None:
+                os.killpg(pod["process"].pid, signal.SIGKILL)
+                pod["process"].wait()
 
 
 @pytest.fixture
@@ -347,3 +387,65 @@ def test_a_retried_pod_resumes_from_the_last_checkpoint(cluster, monkeypatch):
     assert cluster["kubelet"].jobs[final["handle"]["job"]]["attempt"] == 2
     metrics = cluster["registry"].get(final["output_model_version"]).metrics
     assert metrics["resumed_at_step"] >= 2 and metrics["steps"] == 16
+
+
+def validated(obj) -> dict:
+    """obj as the API server stores it, checked strictly against Kubernetes 1.32's schema."""
+    import kubernetes_validate
+    from kubernetes import client
+    manifest = client.ApiClient().sanitize_for_serialization(obj)
+    kubernetes_validate.validate(manifest, "1.32", strict=True)
+    return manifest
+
+
+def two_process_run(cluster) -> tuple[dict, dict]:
+    """A small LoRA run, submitted and followed to its end: the run as submitted and as it ended, in 2 processes."""
+    runs = manager()
+    try:
+        run = runs.submit(cluster["dataset"], cluster["base"], SMALL)
+        final = wait_until(runs, run["run_id"], FINAL)
+    finally:
+        runs.stop()
+    assert final["state"] == "SUCCEEDED", final["error"]
+    assert cluster["registry"].get(final["output_model_version"]).metrics["processes"] == 2
+    return run, final
+
+
+def test_a_multi_gpu_job_runs_one_trainer_process_per_gpu(cluster, monkeypatch):
+    monkeypatch.setenv("ILF_TRAINING_K8S_GPUS", "2")  # two ranks on the CPU here (gloo), one per GPU on a GPU node
+    run, final = two_process_run(cluster)
+
+    (job,) = cluster["kubelet"].seen_manifests
+    manifest = validated(job)
+    pod = manifest["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:5] == ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "trainer"]
+    assert run["run_id"] in container["command"] and container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "completionMode" not in manifest["spec"]  # one node: a plain Job, read as before
+    assert container["volumeMounts"] == [{"name": "shm", "mountPath": "/dev/shm"}]
+    assert pod["volumes"] == [{"name": "shm", "emptyDir": {"medium": "Memory"}}]
+
+
+def test_a_multi_node_job_is_an_indexed_job_whose_pods_meet_through_a_headless_service(cluster, monkeypatch):
+    monkeypatch.setenv("ILF_TRAINING_K8S_NODES", "2")  # two pods of one trainer process each
+    monkeypatch.setenv("ILF_TRAINING_K8S_BACKOFF_LIMIT", "1")
+    run, final = two_process_run(cluster)
+    assert cluster["kubelet"].jobs[final["handle"]["job"]]["attempt"] == 1  # both pods, once
+
+    (job,) = cluster["kubelet"].seen_manifests
+    manifest = validated(job)
+    spec, name = manifest["spec"], manifest["metadata"]["name"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["backoffLimit"] == 2  # one restart of the group: both nodes' pods
+    pod = spec["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:3] == ["torchrun", "--nnodes=2", "--nproc-per-node=1"] and command[6:8] == ["-m", "trainer"]
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in command
+    service = validated(cluster["kubelet"].core.read_namespaced_service(name, NAMESPACE))
+    # Pod 0's DNS name: hostname <job>-0 (the Indexed Job's), subdomain the headless Service.
+    assert pod["subdomain"] == service["metadata"]["name"] == name
+    assert f"--master-addr={name}-0.{name}" in command and "--master-port=29500" in command
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    (owner,) = service["metadata"]["ownerReferences"]  # deleted with the Job, by its TTL or a cancel
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Job", name, job.metadata.uid)

@@ -4,17 +4,27 @@ The Job's pod gets the store's S3 credentials from a Secret (envFrom), a GPU lim
 and the label ilf.run-id that links Job, pods and run. Its outcome comes from the Job's
 conditions (Complete, or Failed with DeadlineExceeded / BackoffLimitExceeded), and a failed
 pod's termination (OOMKilled, exit code) says why.
+
+A pod with several GPUs runs `torchrun --standalone --nproc-per-node N`, one trainer process per
+GPU. A run on several nodes is an Indexed Job of one pod per node: pod i (hostname <job>-i)
+is torchrun's node i, and all meet at pod 0 through a headless Service named after the Job,
+which gives each pod a DNS name. We chose this over a Kubeflow Trainer TrainJob because it needs
+nothing installed in the cluster beyond batch/v1 (TrainJob needs the Trainer operator, JobSet and
+a ClusterTrainingRuntime), its state is read from Job conditions exactly as for one pod, and its
+manifests validate against the plain Kubernetes schema. What TrainJob would add is restarting
+the whole group at once when one pod fails; here the others fail at their next collective, and
+the Job controller restarts them (backoffLimit counts every node's pods), resuming together from
+the last checkpoint.
 """
 from __future__ import annotations
 
-import json
 import time
 
 from ilf import config
-from ilf.errors import InvalidArgument
 from services.training.launchers import JobStatus, Launcher, exit_reason, trainer_command
 
 RUN_LABEL = "ilf.run-id"
+RENDEZVOUS_PORT = 29500  # torchrun's default master port, on pod 0 of a multi-node Job
 # Trainer settings the Job inherits from the service, so both sides agree on them.
 FORWARDED_SETTINGS = ("ILF_TRAINER_CHECKPOINT_STEPS", "ILF_TRAINER_MICRO_BATCH_TOKENS",
                       "ILF_TRAINER_GRADIENT_CHECKPOINTING", "ILF_DEVICE", "ILF_TORCH_THREADS", "ILF_S3_SECURE",
@@ -42,43 +52,75 @@ def api_client():
 
 def placement() -> dict:
     """nodeSelector and tolerations of the trainer pod (JSON settings), e.g. to land on tainted GPU nodes."""
-    fields = {}
-    for key, name in (("nodeSelector", "ILF_TRAINING_K8S_NODE_SELECTOR"), ("tolerations", "ILF_TRAINING_K8S_TOLERATIONS")):
-        raw = config.get(name)
-        if raw:
-            try:
-                fields[key] = json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise InvalidArgument(f"{name} is not valid JSON: {error}") from None
-    return fields
+    chosen = {"nodeSelector": config.get("ILF_TRAINING_K8S_NODE_SELECTOR"),
+              "tolerations": config.get("ILF_TRAINING_K8S_TOLERATIONS")}
+    return {key: value for key, value in chosen.items() if value}
+
+
+def pod_command(run_id: str, store_url: str, gpus: int, nodes: int) -> list[str]:
+    """The trainer alone, or torchrun with one process per GPU on one node or on each of several."""
+    if nodes > 1:
+        # Kubernetes expands $(JOB_COMPLETION_INDEX), which the Job controller sets in each pod of an Indexed Job.
+        return trainer_command(store_url, run_id, torchrun=[
+            f"--nnodes={nodes}", f"--nproc-per-node={max(gpus, 1)}", "--node-rank=$(JOB_COMPLETION_INDEX)",
+            f"--master-addr={job_name(run_id)}-0.{job_name(run_id)}", f"--master-port={RENDEZVOUS_PORT}"])
+    if gpus > 1:
+        return trainer_command(store_url, run_id, torchrun=["--standalone", f"--nproc-per-node={gpus}"])
+    return trainer_command(store_url, run_id)
 
 
 def job_manifest(run_id: str, store_url: str) -> dict:
-    gpus = int(config.get("ILF_TRAINING_K8S_GPUS"))
+    gpus, nodes = config.get("ILF_TRAINING_K8S_GPUS"), config.get("ILF_TRAINING_K8S_NODES")
     limits = {"memory": config.get("ILF_TRAINING_K8S_MEMORY"), **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
     labels = {RUN_LABEL: run_id, "app.kubernetes.io/name": "ilf-trainer", "app.kubernetes.io/part-of": "ilf"}
     container = {
         "name": "trainer",
         "image": config.get("ILF_TRAINING_K8S_IMAGE"),
-        "command": trainer_command(store_url, run_id),
-        "env": [{"name": name, "value": config.get(name)} for name in FORWARDED_SETTINGS],
+        "command": pod_command(run_id, store_url, gpus, nodes),
+        "env": [{"name": name, "value": config.SETTINGS[name].raw()} for name in FORWARDED_SETTINGS],
         "envFrom": [{"secretRef": {"name": config.get("ILF_TRAINING_K8S_SECRET")}}],
         "resources": {"requests": {"cpu": config.get("ILF_TRAINING_K8S_CPU"), "memory": limits["memory"]},
                       "limits": limits},
     }
+    pod = {"restartPolicy": "Never", "containers": [container], **placement()}
+    if gpus > 1 or nodes > 1:
+        # NCCL passes data between the processes of a pod through /dev/shm, which is 64 MiB by default.
+        container["volumeMounts"] = [{"name": "shm", "mountPath": "/dev/shm"}]
+        pod["volumes"] = [{"name": "shm", "emptyDir": {"medium": "Memory"}}]
+    spec = {
+        # A retried pod resumes from the run's last checkpoint in the store; when one node's pod fails, the others
+        # fail with it, so a restart of the group costs up to `nodes` pod failures.
+        "backoffLimit": int(config.get("ILF_TRAINING_K8S_BACKOFF_LIMIT")) * nodes,
+        "activeDeadlineSeconds": int(float(config.get("ILF_TRAINING_DEADLINE_S"))),
+        "ttlSecondsAfterFinished": int(config.get("ILF_TRAINING_K8S_TTL_S")),
+        "template": {"metadata": {"labels": labels}, "spec": pod},
+    }
+    if nodes > 1:
+        spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
+        pod["subdomain"] = job_name(run_id)  # pod i is <job>-i.<job>: the headless Service's DNS names
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": job_name(run_id), "namespace": config.get("ILF_TRAINING_K8S_NAMESPACE"), "labels": labels},
+        "spec": spec,
+    }
+
+
+def rendezvous_service(job: dict, uid: str) -> dict:
+    """The headless Service that gives a multi-node Job's pods DNS names; deleted with the Job it belongs to."""
+    metadata = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": metadata["name"], "namespace": metadata["namespace"], "labels": metadata["labels"],
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": metadata["name"],
+                                          "uid": uid, "blockOwnerDeletion": False}]},
         "spec": {
-            # A retried pod resumes from the run's last checkpoint in the store.
-            "backoffLimit": int(config.get("ILF_TRAINING_K8S_BACKOFF_LIMIT")),
-            "activeDeadlineSeconds": int(float(config.get("ILF_TRAINING_DEADLINE_S"))),
-            "ttlSecondsAfterFinished": int(config.get("ILF_TRAINING_K8S_TTL_S")),
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {"restartPolicy": "Never", "containers": [container], **placement()},
-            },
+            "clusterIP": "None",
+            "selector": {RUN_LABEL: metadata["labels"][RUN_LABEL]},
+            # Pods have no readiness probe to pass: their names resolve as soon as they have an address.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
         },
     }
 
@@ -95,11 +137,19 @@ class KubernetesJobLauncher(Launcher):
     def launch(self, run_id, store_url):
         from kubernetes.client.exceptions import ApiException
         manifest = job_manifest(run_id, store_url)
+        name = manifest["metadata"]["name"]
         try:
-            self.batch.create_namespaced_job(self.namespace, manifest)
+            job = self.batch.create_namespaced_job(self.namespace, manifest)
         except ApiException as error:
             if error.status != 409:  # 409: created before a service restart; keep that Job
                 raise
+            job = self.batch.read_namespaced_job(name, self.namespace)
+        if manifest["spec"].get("completionMode") == "Indexed":
+            try:
+                self.core.create_namespaced_service(self.namespace, rendezvous_service(manifest, job.metadata.uid))
+            except ApiException as error:
+                if error.status != 409:
+                    raise
         return {"launcher": self.name, "job": manifest["metadata"]["name"], "namespace": self.namespace,
                 "started_at": time.time()}
 

@@ -29,8 +29,10 @@ class JobStatus:
     log_tail: list[str] = field(default_factory=list)
 
 
-def trainer_command(store_url: str, run_id: str, python: str = "python") -> list[str]:
-    return [python, "-m", "trainer", "--store", store_url, "--run-id", run_id]
+def trainer_command(store_url: str, run_id: str, python: str = "python", torchrun: list[str] | None = None) -> list[str]:
+    """`python -m trainer ...`, or with torchrun's flags `torchrun FLAGS -m trainer ...` (several processes)."""
+    start = [python] if torchrun is None else ["torchrun", *torchrun]
+    return [*start, "-m", "trainer", "--store", store_url, "--run-id", run_id]
 
 
 def exit_reason(exit_code: int) -> str:
