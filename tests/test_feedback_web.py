@@ -345,3 +345,27 @@ def test_local_services_turn_the_page_on_for_demo_and_up_only(tmp_path, monkeypa
     assert LocalServices(tmp_path, ports={"feedback": 1}, web_port=0).web_port == 0
     monkeypatch.setenv("ILF_FEEDBACK_HTTP_PORT", "9123")
     assert LocalServices(tmp_path).web_port == 9123
+
+
+def test_operators_fill_the_queue_from_the_page(start_page, tiny_model_dir, monkeypatch):
+    from services.generation.server import build_server as build_generation
+    monkeypatch.setenv("ILF_BASE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("ILF_DEVICE", "cpu")
+    generation = build_generation(0)
+    generation.start()
+    try:
+        assert generation.ready.wait(300), "the tiny model did not load"
+        monkeypatch.setenv("ILF_GENERATION_ADDR", f"127.0.0.1:{generation.port}")
+        page = start_page()
+        operator = signed_in(page, "olga")
+        form = {"csrf": csrf_of(operator, page, "/admin"), "task_set": page.task_set, "n": "2", "max_tasks": "2",
+                "temperature": "1.0", "max_new_tokens": "16"}
+        reply = operator.post(f"{page.url}/admin/collect", data=form)
+        assert reply.status_code == 200 and 'id="collected"' in reply.text, reply.text[-2000:]
+        assert "4 samples on\n      2 tasks" in reply.text
+        queued = [item for item, _ in page.service.queue.list() if item.item_id not in page.items.values()]
+        assert queued and all(item.model_version for item in queued)      # the serving version wrote them
+        bad = operator.post(f"{page.url}/admin/collect", data={**form, "n": "two"})
+        assert bad.status_code == 422 and "whole numbers" in bad.text
+    finally:
+        generation.stop(0)
