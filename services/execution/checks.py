@@ -764,16 +764,18 @@ def plan_test(source: str, bindings: Callable[[], Bindings], *, has_setup: bool 
     mean something else than the program's (a builtin, a trusted module or its members) and, when there is
     setup code, for the names it defines, so `bindings` (the program's parse) is called only then. Plans are
     cached by the meaning of those names: the samples of one task share them."""
-    words = _parse_assert(source)[1]
-    if not has_setup and not words & _MEANINGFUL_NAMES:
+    expression, words = _parse_assert(source)
+    if not has_setup and not (words & _MEANINGFUL_NAMES and _names_in(expression) & _MEANINGFUL_NAMES):
         return _plan(source, ())
     known = bindings()
-    meanings = tuple(sorted((word, meaning) for word in words
-                            if (meaning := known.resolve(word)) != NO_BINDINGS.resolve(word)))
+    meanings = tuple(sorted((name, meaning) for name in _names_in(expression)
+                            if (meaning := known.resolve(name)) != NO_BINDINGS.resolve(name)))
     return _plan(source, meanings)
 
 
-_IDENTIFIER = re.compile(r"(?!\d)\w+")  # identifier-like words, without parsing
+_IDENTIFIER = re.compile(r"(?!\d)\w+")  # identifier-like words: a cheap first look
+
+
 _MEANINGFUL_NAMES = frozenset(dir(builtins)) | frozenset(TRUSTED_MODULES) | frozenset(
     itertools.chain(*TRUSTED_MODULES.values()))
 
@@ -786,7 +788,7 @@ def _parse_assert(source: str) -> tuple[ast.expr, frozenset[str]]:
         raise NotATest(f"not valid Python: {getattr(error, 'msg', error)}") from None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
         raise NotATest("each test must be exactly one assert statement")
-    return tree.body[0].test, frozenset(_IDENTIFIER.findall(source))  # a superset of its names
+    return tree.body[0].test, frozenset(_IDENTIFIER.findall(source))  # a superset of its names, without a walk
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
@@ -811,8 +813,6 @@ def _raising(error: Exception) -> Callable[[Scope], Any]:
     return evaluate
 
 
-_LITERAL_ROOTS = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict)
-_LITERAL_NODES = (*_LITERAL_ROOTS, ast.Load, ast.UnaryOp, ast.USub, ast.UAdd)
 # Values a hole-free sub-expression may be folded into at plan time (immutable, or never changed here).
 _FOLDABLE = (*PLAIN_TYPES, range, type, Guarded, Lambda)
 
@@ -886,11 +886,6 @@ class _Planner:
 
     # Compilation --------------------------------------------------------------------------------
     def compile(self, node: ast.expr, scope: frozenset[str], mode: str) -> Callable[[Scope], Any]:
-        if isinstance(node, _LITERAL_ROOTS) and all(isinstance(n, _LITERAL_NODES) for n in ast.walk(node)):
-            try:  # a literal (most expected values): built once, by the parser's own rules
-                return _constant(ast.literal_eval(node))
-            except (ValueError, TypeError):
-                pass  # `-(-1)`, `{[1]: 2}`: evaluated below, raising where Python would
         if self.is_program(node, scope):
             return self.hole(node, scope, mode)
         holes_before = len(self.holes)
