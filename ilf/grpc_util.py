@@ -41,15 +41,17 @@ IDEMPOTENT_METHODS = {
                         "ImportTaskSet", "GetTaskSet", "ListTaskSets", "ListQueue"),
     "grpc.health.v1.Health": ("Check",),
 }
-RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"]}
 # Per-call balancing: every replica behind the name (a headless Service's pod addresses) gets its share of
-# calls, instead of one long-lived HTTP/2 connection carrying all of them to one pod.
+# calls, instead of one long-lived HTTP/2 connection carrying all of them to one pod. Throttling stops retrying
+# while most calls fail (a service that is down, not one replica going away), so retries never pile up.
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{"name": [{"service": service, "method": method} for service, names in IDEMPOTENT_METHODS.items()
                                for method in names],
                       "retryPolicy": RETRY_POLICY}],
+    "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
 }
 # Target schemes gRPC resolves itself; any other address is a host:port for the DNS resolver.
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")

@@ -93,6 +93,13 @@ def generation(ilf_env):
     server.stop(0)
 
 
+def call_without_retries(server, request):
+    """Generate over a channel that does not retry UNAVAILABLE (ilf.grpc_util.channel's do), so the fault shows."""
+    from ilf.v1 import generation_pb2_grpc
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.enable_retries", 0)]) as plain:
+        return generation_pb2_grpc.GenerationStub(plain).Generate(request, timeout=60)
+
+
 def test_failed_decode_step_fails_its_requests_and_the_engine_recovers(generation, monkeypatch):
     from ilf.v1 import common_pb2, generation_pb2
     from services.generation.engine import Engine
@@ -108,17 +115,21 @@ def test_failed_decode_step_fails_its_requests_and_the_engine_recovers(generatio
     monkeypatch.setattr(Engine, "_step", failing_step)
     request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
         n=2, temperature=0.8, max_new_tokens=8))
+    # The engine fails the step's requests with UNAVAILABLE (the request was fine) and recovers by itself.
     with pytest.raises(grpc.RpcError) as error:
-        stub.Generate(request, timeout=60)
+        call_without_retries(server, request)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "simulated worker crash" in error.value.details()
-    assert len(stub.Generate(request, timeout=60).completions) == 2  # no restart by hand
+    # Callers of ilf.grpc_util.channel retry UNAVAILABLE on idempotent calls: they never see the fault.
+    failures.clear()
+    assert len(stub.Generate(request, timeout=60).completions) == 2
+    assert len(failures) == 1
 
 
 def test_scheduler_failure_fails_in_flight_requests_and_serving_continues(generation, monkeypatch):
     from ilf.v1 import common_pb2, generation_pb2
     from services.generation.engine import Engine
-    _, stub = generation
+    server, stub = generation
     real_admit = Engine._admit
     faults = []
 
@@ -131,7 +142,7 @@ def test_scheduler_failure_fails_in_flight_requests_and_serving_continues(genera
     request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
         n=2, temperature=0.8, max_new_tokens=8))
     with pytest.raises(grpc.RpcError) as error:
-        stub.Generate(request, timeout=60)
+        call_without_retries(server, request)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "simulated scheduler bug" in error.value.details()
     assert len(stub.Generate(request, timeout=60).completions) == 2
 
@@ -154,7 +165,7 @@ def test_dead_scheduler_thread_is_replaced_without_a_restart_by_hand(generation,
     request = generation_pb2.GenerateRequest(prompt="def f(x):", params=common_pb2.SamplingParams(
         n=2, temperature=0.8, max_new_tokens=8))
     with pytest.raises(grpc.RpcError) as error:
-        stub.Generate(request, timeout=60)  # in flight when its thread died: answered by the watchdog
+        call_without_retries(server, request)  # in flight when its thread died: answered by the watchdog
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "scheduler died" in error.value.details()
     assert not kills[0].is_alive() and engine.scheduler_restarts == 1
     assert len(stub.Generate(request, timeout=60).completions) == 2
