@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from ilf import tasksets
 from ilf.errors import FailedPrecondition, InvalidArgument
+from ilf.metrics import track
 from ilf.v1 import common_pb2
+from services.feedback import metrics
 from services.feedback.checks import FeedbackChecks, failure_of, summary_of
 from services.feedback.collect import Collection, collect
 from services.feedback.queue import QUEUED, Item, Queue, State
@@ -18,6 +20,7 @@ class FeedbackService:
         self.writer = writer
         self.task_sets = tasksets.TaskSets(records.store)
         self.queue = Queue(records.store)
+        track(self.queue, metrics.QUEUE)
 
     def submit(self, task_id: int, program: str, feedback: str, annotator_id: str,
                human_refinement: str = "", *, task_set: str = "", source: str = "submitted",
