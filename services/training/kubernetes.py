@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 
 from ilf import config
+from services.training.config import KubernetesConfig
 from services.training.launchers import JobStatus, Launcher, exit_reason, trainer_command
 
 RUN_LABEL = "ilf.run-id"
@@ -35,10 +36,9 @@ def job_name(run_id: str) -> str:
     return f"ilf-train-{run_id}"[:63]
 
 
-def api_client():
+def api_client(host: str = ""):
     """A client for ILF_TRAINING_K8S_API if set, else the in-cluster service account, else kubeconfig."""
     from kubernetes import client, config as kube_config
-    host = config.get("ILF_TRAINING_K8S_API")
     if host:
         configuration = client.Configuration()
         configuration.host = host
@@ -50,10 +50,9 @@ def api_client():
     return client.ApiClient()
 
 
-def placement() -> dict:
+def placement(settings: KubernetesConfig) -> dict:
     """nodeSelector and tolerations of the trainer pod (JSON settings), e.g. to land on tainted GPU nodes."""
-    chosen = {"nodeSelector": config.get("ILF_TRAINING_K8S_NODE_SELECTOR"),
-              "tolerations": config.get("ILF_TRAINING_K8S_TOLERATIONS")}
+    chosen = {"nodeSelector": settings.node_selector, "tolerations": settings.tolerations}
     return {key: value for key, value in chosen.items() if value}
 
 
@@ -69,20 +68,20 @@ def pod_command(run_id: str, store_url: str, gpus: int, nodes: int) -> list[str]
     return trainer_command(store_url, run_id)
 
 
-def job_manifest(run_id: str, store_url: str) -> dict:
-    gpus, nodes = config.get("ILF_TRAINING_K8S_GPUS"), config.get("ILF_TRAINING_K8S_NODES")
-    limits = {"memory": config.get("ILF_TRAINING_K8S_MEMORY"), **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+def job_manifest(run_id: str, store_url: str, settings: KubernetesConfig) -> dict:
+    gpus, nodes = settings.gpus, settings.nodes
+    limits = {"memory": settings.memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
     labels = {RUN_LABEL: run_id, "app.kubernetes.io/name": "ilf-trainer", "app.kubernetes.io/part-of": "ilf"}
     container = {
         "name": "trainer",
-        "image": config.get("ILF_TRAINING_K8S_IMAGE"),
+        "image": settings.image,
         "command": pod_command(run_id, store_url, gpus, nodes),
         "env": [{"name": name, "value": config.SETTINGS[name].raw()} for name in FORWARDED_SETTINGS],
-        "envFrom": [{"secretRef": {"name": config.get("ILF_TRAINING_K8S_SECRET")}}],
-        "resources": {"requests": {"cpu": config.get("ILF_TRAINING_K8S_CPU"), "memory": limits["memory"]},
+        "envFrom": [{"secretRef": {"name": settings.secret}}],
+        "resources": {"requests": {"cpu": settings.cpu, "memory": limits["memory"]},
                       "limits": limits},
     }
-    pod = {"restartPolicy": "Never", "containers": [container], **placement()}
+    pod = {"restartPolicy": "Never", "containers": [container], **placement(settings)}
     if gpus > 1 or nodes > 1:
         # NCCL passes data between the processes of a pod through /dev/shm, which is 64 MiB by default.
         container["volumeMounts"] = [{"name": "shm", "mountPath": "/dev/shm"}]
@@ -90,9 +89,9 @@ def job_manifest(run_id: str, store_url: str) -> dict:
     spec = {
         # A retried pod resumes from the run's last checkpoint in the store; when one node's pod fails, the others
         # fail with it, so a restart of the group costs up to `nodes` pod failures.
-        "backoffLimit": int(config.get("ILF_TRAINING_K8S_BACKOFF_LIMIT")) * nodes,
-        "activeDeadlineSeconds": int(float(config.get("ILF_TRAINING_DEADLINE_S"))),
-        "ttlSecondsAfterFinished": int(config.get("ILF_TRAINING_K8S_TTL_S")),
+        "backoffLimit": settings.backoff_limit * nodes,
+        "activeDeadlineSeconds": int(settings.deadline_s),
+        "ttlSecondsAfterFinished": int(settings.ttl_s),
         "template": {"metadata": {"labels": labels}, "spec": pod},
     }
     if nodes > 1:
@@ -101,7 +100,7 @@ def job_manifest(run_id: str, store_url: str) -> dict:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name(run_id), "namespace": config.get("ILF_TRAINING_K8S_NAMESPACE"), "labels": labels},
+        "metadata": {"name": job_name(run_id), "namespace": settings.namespace, "labels": labels},
         "spec": spec,
     }
 
@@ -128,15 +127,16 @@ def rendezvous_service(job: dict, uid: str) -> dict:
 class KubernetesJobLauncher(Launcher):
     name = "kubernetes"
 
-    def __init__(self, api=None):
+    def __init__(self, api=None, settings: KubernetesConfig | None = None):
         from kubernetes import client
-        api = api or api_client()
+        self.settings = settings or KubernetesConfig.from_env()
+        api = api or api_client(self.settings.api)
         self.batch, self.core = client.BatchV1Api(api), client.CoreV1Api(api)
-        self.namespace = config.get("ILF_TRAINING_K8S_NAMESPACE")
+        self.namespace = self.settings.namespace
 
     def launch(self, run_id, store_url):
         from kubernetes.client.exceptions import ApiException
-        manifest = job_manifest(run_id, store_url)
+        manifest = job_manifest(run_id, store_url, self.settings)
         name = manifest["metadata"]["name"]
         try:
             job = self.batch.create_namespaced_job(self.namespace, manifest)

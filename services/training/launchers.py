@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ilf import config
+from services.training.config import TrainingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 30
@@ -68,7 +69,7 @@ class LocalProcessLauncher(Launcher):
 
     def __init__(self, log_dir: str | Path | None = None, deadline_s: float | None = None):
         self.log_dir = Path(log_dir or config.get("ILF_TRAINING_LOG_DIR"))
-        self.deadline_s = float(deadline_s if deadline_s is not None else config.get("ILF_TRAINING_DEADLINE_S"))
+        self.deadline_s = config.get("ILF_TRAINING_DEADLINE_S") if deadline_s is None else deadline_s
         self.processes: dict[str, subprocess.Popen] = {}
 
     def launch(self, run_id, store_url):
@@ -139,11 +140,9 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return list(deque((line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()), maxlen=lines))
 
 
-def make_launcher(name: str | None = None) -> Launcher:
-    name = name or config.get("ILF_TRAINING_LAUNCHER")
-    if name == "local":
-        return LocalProcessLauncher()
-    if name == "kubernetes":
+def make_launcher(settings: TrainingConfig | None = None) -> Launcher:
+    settings = settings or TrainingConfig.from_env()
+    if settings.launcher == "kubernetes":
         from services.training.kubernetes import KubernetesJobLauncher
-        return KubernetesJobLauncher()
-    raise ValueError(f"ILF_TRAINING_LAUNCHER must be local or kubernetes, got {name!r}")
+        return KubernetesJobLauncher(settings=settings.kubernetes)
+    return LocalProcessLauncher(settings.log_dir, settings.deadline_s)

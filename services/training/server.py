@@ -53,7 +53,7 @@ class TrainingService(Service):
     names = ("ilf.v1.Training",)
 
     def __init__(self, settings: TrainingConfig):
-        self.runs = RunManager(open_store(), make_launcher(settings.launcher), max_concurrent=settings.max_concurrent,
+        self.runs = RunManager(open_store(), make_launcher(settings), max_concurrent=settings.max_concurrent,
                                poll_s=settings.poll_s)
         track(self.runs, metrics.RUNS)
 
