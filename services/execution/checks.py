@@ -43,11 +43,11 @@ MAX_RESULT_ITEMS = 100_000
 MAX_RESULT_DEPTH = 100
 # Ceilings of the evaluation here, in units of roughly one element visited by C code (~20-50 ns):
 # one operation (so none holds the GIL for long), and all the tests of one program.
-MAX_OPERATION_COST = 4_000_000
+MAX_OPERATION_COST = 2_000_000
 MAX_PROGRAM_COST = 20_000_000
 MAX_INT_BITS = 1 << 16        # an integer's size: multiplying or dividing two stays in the milliseconds
 MAX_TEXT_WIDTH = 10_000       # widths and precisions in format specifications, round()'s digits
-STEP_COST = 25                # one comprehension iteration or lambda call, interpreted here
+STEP_COST = 30                # each node of a comprehension's body or a lambda's, per evaluation (measured ~0.8 µs)
 TEXT_PER_UNIT = 16            # characters compared per unit; text built costs a unit per 4 (MAX_TEXT_BUILT)
 # pytest.approx defaults, which the paper's evaluation uses for floats.
 REL_TOL, ABS_TOL = 1e-6, 1e-12
@@ -359,9 +359,9 @@ def _walks(factor: int = 1, logarithmic: bool = False):
         args, kwargs = _callable_arguments(args, kwargs)
         total = sum(map(meter.size, args)) + sum(map(meter.size, kwargs.values()))
         length = max(map(_iteration_length, args), default=0)
-        multiplier = factor * (max(length, 2).bit_length() if logarithmic else 1)
-        meter.charge((total + length) * multiplier)
-        return meter.record(_checked(function(*args, **kwargs)), total + length)
+        walked = max(total, length)  # iterating text makes an item per character
+        meter.charge(walked * factor * (max(length, 2).bit_length() if logarithmic else 1))
+        return meter.record(_checked(function(*args, **kwargs)), walked)
     return guard
 
 
@@ -605,14 +605,14 @@ def _call(function: Any, args: tuple, kwargs: dict) -> Any:
 
 
 class Lambda:
-    """A test's lambda, evaluated here: each call costs one step."""
-    __slots__ = ("parameters", "body", "scope", "__name__")
+    """A test's lambda, evaluated here: each call costs its body's steps."""
+    __slots__ = ("parameters", "body", "scope", "cost", "__name__")
 
-    def __init__(self, parameters: tuple[str, ...], body: Callable, scope: dict):
-        self.parameters, self.body, self.scope, self.__name__ = parameters, body, scope, "<lambda>"
+    def __init__(self, parameters: tuple[str, ...], body: Callable, scope: "Scope", cost: int):
+        self.parameters, self.body, self.scope, self.cost, self.__name__ = parameters, body, scope, cost, "<lambda>"
 
     def __call__(self, *args):
-        _current().charge(STEP_COST)
+        _current().charge(self.cost)
         if len(args) != len(self.parameters):
             raise TypeError(f"<lambda>() takes {len(self.parameters)} positional arguments but {len(args)} were given")
         return self.body(Scope(self.scope.holes, {**self.scope.names, **dict(zip(self.parameters, args))}))
@@ -1129,7 +1129,8 @@ class _Planner:
             raise Unsupported("a test's lambda may only take plain positional parameters")
         parameters = tuple(a.arg for a in arguments.args)
         body = self.compile_without_holes(node.body, scope | set(parameters), "a lambda")
-        return lambda s: Lambda(parameters, body, s)
+        cost = STEP_COST * (1 + _nodes_in(node.body))
+        return lambda s: Lambda(parameters, body, s, cost)
 
     def compile_without_holes(self, node, scope, what):
         outer, self.no_holes_reason = self.no_holes_reason, (
@@ -1153,7 +1154,10 @@ class _Planner:
             iterable = first if index == 0 else self.compile_without_holes(generator.iter, inner, "a comprehension")
             inner |= targets
             conditions = [self.compile_without_holes(c, inner, "a comprehension") for c in generator.ifs]
-            compiled.append((generator.target, iterable, conditions))
+            # What each item of this level evaluates: its conditions and the next level's iterable, or the elements.
+            then = [generators[index + 1].iter] if index + 1 < len(generators) else elements
+            cost = STEP_COST * (1 + sum(map(_nodes_in, [generator.target, *generator.ifs, *then])))
+            compiled.append((generator.target, iterable, conditions, cost))
         bodies = [self.compile_without_holes(e, inner, "a comprehension") for e in elements]
 
         def run(s):
@@ -1164,10 +1168,10 @@ class _Planner:
                 if level == len(compiled):
                     yield [body(local) for body in bodies]
                     return
-                target, iterable, conditions = compiled[level]
+                target, iterable, conditions, cost = compiled[level]
                 source = iterable(s if level == 0 else local)
                 for item in _iterated(source):
-                    meter.charge(STEP_COST)
+                    meter.charge(cost)
                     _assign(target, item, local.names)
                     if all(condition(local) for condition in conditions):
                         yield from loop(level + 1)
@@ -1214,6 +1218,10 @@ class _Module:
                 raise Unsupported(f"the service does not evaluate {self.name}.{attribute}")
             raise AttributeError(f"module '{self.name}' has no attribute '{attribute}'")
         return members[attribute][0]
+
+
+def _nodes_in(node: ast.expr) -> int:
+    return sum(isinstance(n, ast.expr) for n in ast.walk(node))
 
 
 def _names_in(node: ast.expr) -> set[str]:
@@ -1292,10 +1300,11 @@ def _decode(tagged: Any, meter: Meter, budget: list[int], depth: int) -> tuple[A
             return float.fromhex(payload), 1
         if tag == "s" and kind is str:
             budget[0] -= len(payload) // 64
-            return payload, 1 + len(payload)
+            return payload, meter.size(payload)
         if tag == "b" and kind is str:
             budget[0] -= len(payload) // 64
-            return bytes.fromhex(payload), 1 + len(payload) // 2
+            value = bytes.fromhex(payload)
+            return value, meter.size(value)
         if tag in _COLLECTIONS and kind is list:
             items, size = [], 1
             for item in payload:
