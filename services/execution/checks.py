@@ -9,11 +9,13 @@ lying operators crosses, no patched module or builtin is consulted, no expected 
 the sandbox. A test the service cannot evaluate this way is refused (an ERROR verdict that says why),
 never trusted to the sandbox.
 
-Names in a test mean what they mean in Python, decided from how the program and setup code bind them:
-a name they bind is the program's (a hole), except one bound only by importing a trusted module or one
-of its attributes, which is the real one here; an unbound name is a builtin (the service's own), an
-attribute of a trusted module the program star-imports, or else something the program may define at
-run time (a hole).
+Names in a test mean what they mean in Python, decided from how the program and setup code bind them at
+module level: a name they bind is the program's (a hole), except one bound only by importing a trusted
+module or one of its members, which is the real one here; an unbound name is a builtin (the service's own),
+a member of a trusted module the program star-imports, or else something the program may define at run
+time (a hole). A builtin the program rebinds may be what the test calls (its entry point), but is refused
+where it would judge the program's own values, and so is an expected value only the sandbox computes
+(a module the program replaces, a name only test_setup_code defines, the program inside a comprehension).
 
 Everything here runs on data a program chose, so everything is metered: values are sized, every C-level
 operation is charged for the data it walks before it runs, and one operation, one program's tests and
@@ -48,7 +50,7 @@ MAX_PROGRAM_COST = 20_000_000
 MAX_INT_BITS = 1 << 16        # an integer's size: multiplying or dividing two stays in the milliseconds
 MAX_TEXT_WIDTH = 10_000       # widths and precisions in format specifications, round()'s digits
 STEP_COST = 30                # each node of a comprehension's body or a lambda's, per evaluation (measured ~0.8 µs)
-TEXT_PER_UNIT = 16            # characters compared per unit; text built costs a unit per 4 (MAX_TEXT_BUILT)
+TEXT_PER_UNIT = 16            # characters compared or hashed per unit (text built costs a unit per 4)
 # pytest.approx defaults, which the paper's evaluation uses for floats.
 REL_TOL, ABS_TOL = 1e-6, 1e-12
 PLAN_CACHE_SIZE = 4096
@@ -408,10 +410,6 @@ def _rounding(function, args, kwargs):
     return _cheap(function, args, kwargs)
 
 
-def _range(function, args, kwargs):
-    return function(*args, **kwargs)  # lazy and constant in size; whoever walks it pays for its length
-
-
 def _bytes(function, args, kwargs):
     if args and type(args[0]) in (int, bool):
         _current().charge(args[0])
@@ -484,7 +482,7 @@ TRUSTED_BUILTINS: dict[str, tuple[Any, Callable]] = {
     "frozenset": (frozenset, _walks()), "hex": (hex, _walks()), "int": (int, _walks()),
     "isinstance": (isinstance, _cheap), "len": (len, _cheap), "list": (list, _walks()), "map": (map, _walks()),
     "max": (max, _walks()), "min": (min, _walks()), "oct": (oct, _walks()), "ord": (ord, _cheap),
-    "pow": (pow, lambda _, args, kwargs: _power(*args, **kwargs)), "range": (range, _range),
+    "pow": (pow, lambda _, args, kwargs: _power(*args, **kwargs)), "range": (range, _cheap),  # lazy: whoever walks it pays for its length
     "repr": (repr, _walks(4)), "reversed": (reversed, _walks()), "round": (round, _rounding),
     "set": (set, _walks()), "sorted": (sorted, _walks(logarithmic=True)), "str": (str, _walks(4)),
     "sum": (sum, _sum), "tuple": (tuple, _walks()), "type": (type, lambda function, args, kwargs: _one_argument(function, args, kwargs)), "zip": (zip, _walks()),
@@ -947,17 +945,12 @@ class _Planner:
             function_node.attr if isinstance(function_node, ast.Attribute) else ""
         argument_mode = {"all": "all", "any": "any"}.get(name, "iterate" if name in _CONSUMERS_OF_ITERABLES else "value")
         function = self.compile(function_node, scope, "value")
-        arguments = [self.compile_argument(a, scope, argument_mode) for a in node.args]
+        arguments = self.compile_elements(node.args, scope, argument_mode)
         keywords = [(k.arg, self.compile(k.value, scope, "value")) for k in node.keywords]
 
         def evaluate(s):
             callee = function(s)
-            args = []
-            for starred, argument in arguments:
-                if starred:
-                    args.extend(_iterated(argument(s)))
-                else:
-                    args.append(argument(s))
+            args = _expanded(arguments, s)
             kwargs = {}
             for key, argument in keywords:
                 if key is None:
@@ -968,11 +961,6 @@ class _Planner:
                     kwargs[key] = argument(s)
             return _call(callee, tuple(args), kwargs)
         return evaluate
-
-    def compile_argument(self, node, scope, mode):
-        if isinstance(node, ast.Starred):
-            return True, self.compile(node.value, scope, "iterate")
-        return False, self.compile(node, scope, mode)
 
     def compile_Subscript(self, node, scope):
         value = self.compile(node.value, scope, "value")
@@ -1053,21 +1041,16 @@ class _Planner:
             return True
         return evaluate
 
-    def compile_elements(self, elements, scope):
-        return [(isinstance(e, ast.Starred), self.compile(e.value if isinstance(e, ast.Starred) else e, scope,
-                                                          "iterate" if isinstance(e, ast.Starred) else "value"))
-                for e in elements]
+    def compile_elements(self, elements, scope, mode="value"):
+        """(starred, evaluate) for the elements of a display or the arguments of a call; a starred one iterates."""
+        return [(True, self.compile(e.value, scope, "iterate")) if isinstance(e, ast.Starred)
+                else (False, self.compile(e, scope, mode)) for e in elements]
 
     def display(self, node, scope, build):
         elements = self.compile_elements(node.elts, scope)
 
         def evaluate(s):
-            items = []
-            for starred, element in elements:
-                if starred:
-                    items.extend(_iterated(element(s)))
-                else:
-                    items.append(element(s))
+            items = _expanded(elements, s)
             meter = _current()
             size = 1 + sum(map(meter.size, items))
             meter.charge(size)
@@ -1218,6 +1201,16 @@ class _Module:
                 raise Unsupported(f"the service does not evaluate {self.name}.{attribute}")
             raise AttributeError(f"module '{self.name}' has no attribute '{attribute}'")
         return members[attribute][0]
+
+
+def _expanded(elements: list[tuple[bool, Callable[[Scope], Any]]], scope: Scope) -> list:
+    items = []
+    for starred, element in elements:
+        if starred:
+            items.extend(_iterated(element(scope)))
+        else:
+            items.append(element(scope))
+    return items
 
 
 def _nodes_in(node: ast.expr) -> int:
