@@ -104,5 +104,6 @@ def test_refines_again_after_the_generation_service_dropped_the_model(local_regi
 def test_an_unreachable_generation_service_is_unavailable(local_registry):
     refiner = Refiner(local_registry, generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{free_port()}")),
                       RefinementConfig.from_env())
+    local_registry.ensure_base(refiner.settings.base_model)   # registered (by a generation service that then went away)
     with pytest.raises(Unavailable, match="generation service"):
         refiner.switch(refiner.start_version())
