@@ -88,3 +88,13 @@ def test_fail_ends_every_row_of_the_request(loaded):
     for _ in range(2):
         with pytest.raises(RuntimeError, match="boom"):
             handle.poll()
+
+
+def test_a_model_the_decode_step_cannot_run_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ilf.errors import FailedPrecondition
+    from services.generation.decode import decoder_for
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    with pytest.raises(FailedPrecondition, match="Llama-style"):
+        decoder_for(model)

@@ -30,11 +30,12 @@ def check_supported(model) -> None:
     """Raises FailedPrecondition for a model this decode step cannot run."""
     config = model.config
     rope_type = (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
-    if config.model_type not in SUPPORTED_MODEL_TYPES or config.hidden_act != "silu" or rope_type == "dynamic" \
+    activation = getattr(config, "hidden_act", None)
+    if config.model_type not in SUPPORTED_MODEL_TYPES or activation != "silu" or rope_type == "dynamic" \
             or getattr(config, "pretraining_tp", 1) != 1:
         raise FailedPrecondition(f"the generation engine decodes Llama-style models ({SUPPORTED_MODEL_TYPES}, "
                                  f"SiLU, no dynamic RoPE); this one is {config.model_type!r} with "
-                                 f"{config.hidden_act!r} and RoPE {rope_type!r}")
+                                 f"{activation!r} and RoPE {rope_type!r}")
 
 
 def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
