@@ -92,7 +92,10 @@ def rounds_chart(rounds: list[dict], title: str) -> bytes:
                     markerfacecolor=color if label == "before" else "white")
     promoted = [(x + 0.08, r["after"]["pass_at"]["1"]) for x, r in zip(xs, rounds) if r.get("promoted")]
     if promoted:
-        ax.plot(*zip(*promoted), "o", color="tab:blue", label="promoted")
+        ax.plot(*zip(*promoted), "o", color="tab:blue", label="candidate promoted", zorder=3)
+    highest = max([r[label]["interval95"]["1"][1] for r in rounds for label in ("before", "after") if label in r] or [0])
+    ax.set_ylim(-0.02, min(1.02, max(0.1, highest * 1.15)))  # pass@1 is a share: never below 0
+    ax.set_xlim(0.5, len(rounds) + 0.5)
     ax.set_xticks(xs, [f"{i}\n{r['round_id'][-11:]}" for i, r in zip(xs, rounds)], fontsize=7)
     ax.set_xlabel("round")
     ax.set_ylabel("pass@1 (95% interval)")
