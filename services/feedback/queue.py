@@ -108,12 +108,17 @@ class Queue:
         self._items: dict[str, Item] = {}
         self._events: dict[str, list[Event]] = defaultdict(list)
         self._item_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        # One listing for items and events alike (a local store's listing walks the whole store).
         for key in store.list("feedback/queue/"):
-            if key.startswith(ITEMS_PREFIX) and key.endswith(".json"):
+            if not key.endswith(".json"):
+                continue
+            if key.startswith(ITEMS_PREFIX):
                 item = Item.from_dict(store.get_json(key))
                 self._items[item.item_id] = item
-        for item_id in self._items:
-            self._events[item_id] = self._read_events(item_id)
+            elif key.startswith(EVENTS_PREFIX):
+                self._events[key[len(EVENTS_PREFIX):].split("/")[0]].append(Event(**store.get_json(key)))
+        for events in self._events.values():
+            events.sort(key=lambda e: e.seq)
 
     def _read_events(self, item_id: str) -> list[Event]:
         keys = [k for k in self.store.list(f"{EVENTS_PREFIX}{item_id}/") if k.endswith(".json")]
