@@ -16,6 +16,7 @@ from test_generation import PROMPT, _bigger_model, make_lora, params, start_serv
 
 MESSAGES = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."}]
 CLIENT_TOKEN, OPERATOR_TOKEN = "client-token-0123456789abcdef", "operator-token-0123456789abcdef"
+FRONT_TOKEN = "front-token-0123456789abcdef"
 
 
 def client_for(server, api_key: str = "unused") -> openai.OpenAI:
@@ -178,8 +179,8 @@ def test_full_queue_is_a_429(ilf_env, monkeypatch):
 @pytest.fixture
 def front_and_upstream(ilf_env, monkeypatch, tmp_path):
     """An upstream generation service with the OpenAI routes, and a front one whose openai backend calls it
-    with an operator token (it loads versions there)."""
-    (tmp_path / "tokens").write_text(f"{OPERATOR_TOKEN} operator front\n")
+    with an operator token of its own (it loads versions there); the tests' stubs send OPERATOR_TOKEN."""
+    (tmp_path / "tokens").write_text(f"{OPERATOR_TOKEN} operator tests\n{FRONT_TOKEN} operator front\n")
     monkeypatch.setenv("ILF_AUTH_TOKENS_FILE", str(tmp_path / "tokens"))
     monkeypatch.setenv("ILF_AUTH_TOKEN", OPERATOR_TOKEN)
     monkeypatch.setenv("ILF_GENERATION_HTTP_PORT", "0")
@@ -188,6 +189,7 @@ def front_and_upstream(ilf_env, monkeypatch, tmp_path):
     upstream = start_server()
     monkeypatch.setenv("ILF_GENERATION_BACKEND", "openai")
     monkeypatch.setenv("ILF_GENERATION_OPENAI_URL", f"{upstream.service.http.url}/v1")
+    monkeypatch.setenv("ILF_GENERATION_OPENAI_TOKEN", FRONT_TOKEN)
     front = start_server()
     yield front, upstream
     front.stop(0)
@@ -218,6 +220,11 @@ def test_openai_backend_through_another_generation_service(front_and_upstream):
     stopped = generate(front_stub, max_new_tokens=12, stop=[stop]).completions[0]
     assert stopped.text == generate(upstream_stub, max_new_tokens=12, stop=[stop]).completions[0].text
     assert stopped.finish_reason == common_pb2.FINISH_REASON_STOP
+    # OpenAI servers take 4 stop sequences: the backend applies the others itself
+    many = ["never-1", "never-2", "never-3", "never-4", stop]
+    stopped = generate(front_stub, max_new_tokens=12, stop=many).completions[0]
+    assert stopped.text == direct.completions[0].text[:direct.completions[0].text.find(stop)]
+    assert stopped.finish_reason == common_pb2.FINISH_REASON_STOP
     # the front's own OpenAI routes pass chat through to the upstream's chat template
     chat = client_for(front, OPERATOR_TOKEN).chat.completions.create(model="", messages=MESSAGES, max_tokens=8)
     assert chat.choices[0].message.content == client_for(upstream, OPERATOR_TOKEN).chat.completions.create(
@@ -246,7 +253,7 @@ def test_openai_backend_swaps_to_lora_versions_and_keeps_serving_when_a_load_fai
     assert on_lora.completions[0].text == generate(upstream_stub, max_new_tokens=12, model_version=lora).completions[0].text
     assert on_lora.completions[0].text != generate(front_stub, max_new_tokens=12, model_version=base).completions[0].text
 
-    # the remote server refuses an adapter trained on another shape: nothing changes but last_load_error
+    # an adapter trained on another shape is refused (vLLM would load it): nothing changes but last_load_error
     bigger = tmp_path / "bigger"
     _bigger_model(tiny_model_dir, bigger)
     wrong = make_lora(local_registry, base, bigger, tmp_path / "lora-wrong", "lora-wrong-base", seed=3)
@@ -263,6 +270,16 @@ def test_openai_backend_swaps_to_lora_versions_and_keeps_serving_when_a_load_fai
     with pytest.raises(grpc.RpcError) as error:
         front_stub.LoadModel(generation_pb2.LoadModelRequest(model_version=full.version))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "only adapters" in error.value.details()
+
+    # the remote server refuses the load (here: the front's token lost its operator role there)
+    (tmp_path / "tokens").write_text(f"{OPERATOR_TOKEN} operator tests\n{FRONT_TOKEN} client front\n")
+    other = make_lora(local_registry, base, tiny_model_dir, tmp_path / "lora-b", "lora-b", seed=4)
+    with pytest.raises(grpc.RpcError) as error:
+        front_stub.SwitchModel(generation_pb2.SwitchModelRequest(model_version=other))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "answered 403" in error.value.details()
+    assert f"still serving {lora}" in error.value.details()
+    assert generate(front_stub, max_new_tokens=12).completions[0].text == on_lora.completions[0].text
+    (tmp_path / "tokens").write_text(f"{OPERATOR_TOKEN} operator tests\n{FRONT_TOKEN} operator front\n")
 
     status = front_stub.Rollback(generation_pb2.RollbackRequest())
     assert status.serving_version == base and local_registry.serving_version("generation") == base

