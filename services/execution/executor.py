@@ -19,6 +19,7 @@ from ilf.errors import InvalidArgument
 from services.execution.checks import (
     MAX_RESULT_ITEMS, EvaluationLimit, HoleError, Meter, NotATest, ResultTooLarge, TestPlan, Unsupported,
     decode_hole, names_bound_by, plan_test)
+from services.execution.compare import compared
 from services.execution.isolation import MAX_RESULT_BYTES, Isolation, Layer, Limits
 from services.execution.pool import WorkerFailed, WorkerPool
 
@@ -364,7 +365,8 @@ def _judge(plan: TestPlan, values: list, index: int, duration: float, meter: Met
         return error(type(raised).__name__, str(raised))
     if passed:
         return TestOutcome(index, Verdict.PASSED, duration_s=duration)
-    return TestOutcome(index, Verdict.FAILED, "AssertionError", "", duration)
+    actual, expected = compared(plan.source, [hole.source for hole in plan.holes], decoded)
+    return TestOutcome(index, Verdict.FAILED, "AssertionError", "", duration, actual, expected)
 
 
 def _missing_reason(reply: dict, load_error: list[str] | None) -> tuple:
