@@ -9,7 +9,6 @@ from abc import ABC, abstractmethod
 from text_generation import Client
 from text_generation.errors import OverloadedError, ValidationError
 
-from ilf import config
 from ilf.auth import client_headers
 from ilf.fleet import PointerFollower
 from ilf.errors import FailedPrecondition, InvalidArgument, InvalidField, ResourceExhausted, Unavailable
@@ -64,12 +63,12 @@ class Backend(ABC):
 
     def submit(self, prompt: str, settings: Sampling, model_version: str = "") -> GenerationHandle:
         """Starts a request; the one place requests are validated, whichever protocol brought them."""
-        validate(prompt, settings)
+        validate(prompt, settings, self.settings)
         return self._submit(prompt, settings, model_version)
 
     def submit_chat(self, messages: list[dict], settings: Sampling, model_version: str = "") -> GenerationHandle:
         """Starts a chat request: messages are {"role", "content"} with text content."""
-        validate_sampling(settings)
+        validate_sampling(settings, self.settings)
         if not messages:
             raise InvalidField("messages", "is empty")
         return self._submit_chat(messages, settings, model_version)
@@ -108,13 +107,14 @@ class Backend(ABC):
 class TransformersBackend(Backend):
     name = "transformers"
 
-    def __init__(self, registry: Registry, *, engine: Engine | None = None, manager: ModelManager | None = None):
+    def __init__(self, registry: Registry, settings: GenerationConfig | None = None, *, engine: Engine | None = None,
+                 manager: ModelManager | None = None):
         keep_freed_memory()  # before the engine's thread exists, so its allocations follow it too
         self.registry = registry
-        self.models = manager or ModelManager(registry, max_loaded=int(config.get("ILF_GENERATION_MAX_LOADED")))
-        self.engine = engine or Engine(max_rows=int(config.get("ILF_GENERATION_MAX_BATCH_ROWS")),
-                                       max_queue=int(config.get("ILF_GENERATION_MAX_QUEUE")))
-        poll_s = config.get("ILF_SERVING_POLL_S")
+        self.settings = settings = settings or GenerationConfig.from_env()
+        self.models = manager or ModelManager(registry, max_loaded=settings.max_loaded)
+        self.engine = engine or Engine(max_rows=settings.max_batch_rows, max_queue=settings.max_queue)
+        poll_s = settings.serving_poll_s
         # This replica serves what the generation pointer says, and keeps pi_Refine (the refinement pointer's
         # version, which the refinement service asks for by name) loaded, whichever replica a call reaches.
         self.follower = PointerFollower(registry, CHANNEL, self.models.follow, poll_s, describe=self.models.describe)
@@ -123,7 +123,7 @@ class TransformersBackend(Backend):
 
     def start(self) -> None:
         configure_torch()
-        version = initial_version(self.registry)
+        version = initial_version(self.registry, self.settings)
         # An empty pointer gets the start-up version, so the first switch can be rolled back.
         self.models.serve(version, promote=self.registry.serving_version(CHANNEL) is None)
         # Started on `version` (a pinned ILF_GENERATION_MODEL included): of the pointer, only its canary is left.
@@ -187,9 +187,10 @@ class TgiBackend(Backend):
     """
     name = "tgi"
 
-    def __init__(self, url: str, *, timeout_s: float = 600.0):
+    def __init__(self, url: str, settings: GenerationConfig | None = None, *, timeout_s: float = 600.0):
         if not url:
             raise InvalidArgument("the tgi backend needs ILF_GENERATION_TGI_URL")
+        self.settings = settings or GenerationConfig.from_env()
         self.url = url.rstrip("/")
         self.client = Client(self.url, headers=client_headers(), timeout=timeout_s)
         self.version = ""
@@ -265,9 +266,8 @@ class TgiBackend(Backend):
 
 def make_backend(registry: Registry, settings: GenerationConfig) -> Backend:
     if settings.backend == "tgi":
-        return TgiBackend(settings.tgi_url)
+        return TgiBackend(settings.tgi_url, settings)
     if settings.backend == "openai":
         from .openai_backend import OpenAIBackend
-        return OpenAIBackend(registry, settings.openai_url, token=settings.openai_token,
-                             adapter_dir=settings.openai_adapter_dir)
-    return TransformersBackend(registry)
+        return OpenAIBackend(registry, settings)
+    return TransformersBackend(registry, settings)

@@ -14,7 +14,6 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from ilf import config
 from ilf.errors import FailedPrecondition, NotFound, Unavailable
 from ilf.metrics import track
 from ilf.modeling import LoadedModel, check_source, dtype_name, load_version, model_dtype
@@ -23,6 +22,7 @@ from ilf.store import CorruptArtifact
 
 from . import metrics
 from .attention import use_native_gqa
+from .config import GenerationConfig
 from .decode import decoder_for
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,9 @@ CHANNEL = "generation"
 _LOADING = threading.Lock()
 
 
-def initial_version(registry: Registry) -> str:
+def initial_version(registry: Registry, settings: GenerationConfig) -> str:
     """ILF_GENERATION_MODEL, else the channel's serving pointer, else the base model."""
-    pinned, serving, base = (config.get("ILF_GENERATION_MODEL"), registry.serving_version(CHANNEL),
-                             config.get("ILF_BASE_MODEL"))
+    pinned, serving, base = settings.start_model, registry.serving_version(CHANNEL), settings.base_model
     if not pinned and serving and registry.chain(serving)[-1].source != base:
         log.info("serving %s, the channel's pointer in the store; ILF_BASE_MODEL=%s applies only to a store whose "
                  "channel serves nothing (switch with `ilf promote VERSION`)", serving, base)

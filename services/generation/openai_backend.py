@@ -20,7 +20,6 @@ from pathlib import Path
 
 import requests
 
-from ilf import config
 from ilf.fleet import PointerFollower
 from ilf.errors import FailedPrecondition, IlfError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ilf.modeling import Sample, resolve_source
@@ -29,6 +28,7 @@ from ilf.sampling import Sampling
 from ilf.store import CorruptArtifact
 
 from .backends import Backend
+from .config import GenerationConfig
 from .detokenize import cut_at_stop
 from .models import CHANNEL
 from .request import GenerationHandle, TokenEvent
@@ -42,17 +42,18 @@ REMOTE_STOP_SEQUENCES = 4
 class OpenAIBackend(Backend):
     name = "openai"
 
-    def __init__(self, registry: Registry, url: str, *, token: str = "", adapter_dir: Path, timeout_s: float = 600.0):
-        if not url:
+    def __init__(self, registry: Registry, settings: GenerationConfig, *, timeout_s: float = 600.0):
+        if not settings.openai_url:
             raise InvalidArgument("the openai backend needs ILF_GENERATION_OPENAI_URL")
-        base = url.rstrip("/")
+        self.settings = settings
+        base = settings.openai_url.rstrip("/")
         self.url = base if base.endswith("/v1") else f"{base}/v1"
         self.registry = registry
-        self.adapter_dir = Path(adapter_dir)
+        self.adapter_dir = Path(settings.openai_adapter_dir)
         self.timeout_s = timeout_s
         self.session = requests.Session()
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        if settings.openai_token:
+            self.session.headers["Authorization"] = f"Bearer {settings.openai_token}"
         self._lock = threading.Lock()          # guards names, remote and serving
         self._load_lock = threading.Lock()     # one load at a time: a second load of one id would be refused
         self._swap_lock = threading.Lock()     # one switch or rollback at a time
@@ -63,14 +64,14 @@ class OpenAIBackend(Backend):
         self.loading: set[str] = set()
         self.last_swap_seconds = 0.0
         self.last_load_error = ""
-        self.follower = PointerFollower(registry, CHANNEL, self.follow, config.get("ILF_SERVING_POLL_S"),
+        self.follower = PointerFollower(registry, CHANNEL, self.follow, settings.serving_poll_s,
                                         describe=self.describe)
 
     # versions
     def start(self) -> None:
         self._refresh()
-        pinned, pointer = config.get("ILF_GENERATION_MODEL"), self.registry.serving_version(CHANNEL)
-        version = pinned or pointer or self.registry.ensure_base(config.get("ILF_BASE_MODEL")).version
+        pinned, pointer = self.settings.start_model, self.registry.serving_version(CHANNEL)
+        version = pinned or pointer or self.registry.ensure_base(self.settings.base_model).version
         self._load(version)
         if pointer is None:  # as the in-process backend: the first switch can be rolled back
             self.registry.promote(CHANNEL, version)

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ilf import config
 from ilf.errors import IlfError, InvalidField
 from ilf.modeling import Sample
 from ilf.sampling import Sampling
 
 from . import metrics
+from .config import GenerationConfig
 
 
 class GenerationCancelled(IlfError):
@@ -28,27 +28,20 @@ class GenerationCancelled(IlfError):
 MAX_STOP_SEQUENCES = 128   # the evaluation's own list has 56
 
 
-def max_n() -> int:
-    return int(config.get("ILF_GENERATION_MAX_N"))
-
-
-def max_new_tokens_limit() -> int:
-    return int(config.get("ILF_GENERATION_MAX_NEW_TOKENS"))
-
-
-def validate(prompt: str, sampling: Sampling) -> Sampling:
+def validate(prompt: str, sampling: Sampling, limits: GenerationConfig) -> Sampling:
     """Raises InvalidField naming the first bad field; returns sampling unchanged."""
     if not prompt:
         raise InvalidField("prompt", "is empty")
-    return validate_sampling(sampling)
+    return validate_sampling(sampling, limits)
 
 
-def validate_sampling(sampling: Sampling) -> Sampling:
+def validate_sampling(sampling: Sampling, limits: GenerationConfig) -> Sampling:
     """Unset fields already took their defaults (ilf.sampling), so everything checked here was asked for."""
-    if not 1 <= sampling.n <= max_n():
-        raise InvalidField("n", f"must be between 1 and {max_n()} (ILF_GENERATION_MAX_N), got {sampling.n}")
-    if not 1 <= sampling.max_new_tokens <= max_new_tokens_limit():
-        raise InvalidField("max_new_tokens", f"must be between 1 and {max_new_tokens_limit()} "
+    max_n = limits.max_n
+    if not 1 <= sampling.n <= max_n:
+        raise InvalidField("n", f"must be between 1 and {max_n} (ILF_GENERATION_MAX_N), got {sampling.n}")
+    if not 1 <= sampling.max_new_tokens <= limits.max_new_tokens:
+        raise InvalidField("max_new_tokens", f"must be between 1 and {limits.max_new_tokens} "
                            f"(ILF_GENERATION_MAX_NEW_TOKENS), got {sampling.max_new_tokens}")
     if not (math.isfinite(sampling.temperature) and 0 <= sampling.temperature <= 100):
         raise InvalidField("temperature", f"must be between 0 (greedy) and 100, got {sampling.temperature}")
@@ -66,8 +59,8 @@ def validate_sampling(sampling: Sampling) -> Sampling:
         raise InvalidField("stop", "sequences must not be empty strings")
     if len(sampling.stop) > MAX_STOP_SEQUENCES:
         raise InvalidField("stop", f"may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(sampling.stop)}")
-    if sampling.seed is not None and not 0 <= sampling.seed < 2 ** 63 - max_n():
-        raise InvalidField("seed", f"must be between 0 and 2**63 - {max_n()}, got {sampling.seed}")
+    if sampling.seed is not None and not 0 <= sampling.seed < 2 ** 63 - max_n:
+        raise InvalidField("seed", f"must be between 0 and 2**63 - {max_n}, got {sampling.seed}")
     return sampling
 
 
