@@ -37,16 +37,21 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[to
     if any(row.settings.top_k or row.settings.top_p < 1.0 for row in rows):
         scaled = top_k_top_p(scaled, [row.settings for row in rows])
     logprobs = torch.log_softmax(scaled, dim=-1)
-    tokens = logprobs.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.settings.temperature > 0]
+    # Every pass over [rows, vocab] counts (49,152 columns for SmolLM2): greedy rows need the argmax only, and
+    # when every row samples, the noise is added in place to the log-probabilities' rows without a gather.
+    tokens = logprobs.argmax(dim=-1) if len(sampled) < len(rows) else None
     if sampled:
         # Each row draws from its own generator into one buffer; the Gumbel transform then runs once for all.
         noise = torch.empty(len(sampled), logits.shape[1], device=logits.device)
         for j, i in enumerate(sampled):
             torch.rand(logits.shape[1], generator=rows[i].generator, device=logits.device, out=noise[j])
         gumbel = noise.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
-        index = torch.tensor(sampled, device=logits.device)
-        tokens[index] = (logprobs[index] + gumbel).argmax(dim=-1)
+        if tokens is None:
+            tokens = gumbel.add_(logprobs).argmax(dim=-1)
+        else:
+            index = torch.tensor(sampled, device=logits.device)
+            tokens[index] = gumbel.add_(logprobs[index]).argmax(dim=-1)
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
