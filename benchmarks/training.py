@@ -9,8 +9,8 @@ excluded on both sides). Our side runs first, so any warm-up cost falls on it.
 
     .venv/bin/python benchmarks/training.py [--examples 32] [--batch-size 8] [--epochs 1] [--model tiny]
 
-Needs `pip install trl "transformers==4.57.6" "torch==2.13.0"` (an unpinned install upgrades
-transformers to 5.x).
+Needs TRL and datasets: `make bench-setup` installs them with transformers and torch pinned (an unpinned
+install upgrades transformers to 5.x).
 """
 from __future__ import annotations
 

@@ -55,6 +55,13 @@ def _add_round_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help="pi_theta's LoRA rank (0: the service's)")
+    parser.add_argument("--refiner-method", choices=("lora", "full"), default=d.refiner_method,
+                        help="pi_Refine's fine-tuning (its settings were chosen by `ilf refiner-sweep`)")
+    parser.add_argument("--refiner-learning-rate", type=float, default=d.refiner_learning_rate)
+    parser.add_argument("--refiner-epochs", type=int, default=d.refiner_epochs)
+    parser.add_argument("--refiner-batch-size", type=int, default=d.refiner_batch_size)
+    parser.add_argument("--refiner-lora-rank", type=int, default=d.refiner_lora_rank)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight per service")
     parser.add_argument("--promote-margin", type=float, default=None,
@@ -112,22 +119,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_reproduce(args) -> int:
-    """The paper's comparison; with --local the services are started here and stopped after."""
+def _run_on_services(args, experiment) -> int:
+    """Runs experiment(settings, clients, store) and prints its table; with --local the services are started
+    here and stopped after."""
     from contextlib import nullcontext
 
     from loop.clients import Clients
     from loop.local import LocalServices
-    from loop.reproduce import reproduce
     from ilf.store import open_store
     _apply_paper(args)
     context = LocalServices(Path(config.get("ILF_HOME")) / "logs") if args.local else nullcontext()
     with context as services:
         clients = Clients.connect(**services.addresses) if services else Clients.connect()
-        report = reproduce(_round_settings(args), clients, open_store(), tuple(args.methods))
+        report = experiment(_round_settings(args), clients, open_store())
     print(report["markdown"])
     print(f"artifacts: {artifact_url(report['artifacts'])}")
     return 0
+
+
+def cmd_reproduce(args) -> int:
+    """The paper's comparison (and rejection sampling, and further rounds)."""
+    from loop.reproduce import reproduce
+    return _run_on_services(args, lambda settings, clients, store: reproduce(
+        settings, clients, store, tuple(args.methods), rounds=args.rounds))
+
+
+def cmd_refiner_sweep(args) -> int:
+    """pi_Refine's fine-tuning settings scored on MBPP_Train (never MBPP_Test)."""
+    from loop.refiner_sweep import grid, refiner_sweep
+    configs = grid(args.sweep_epochs, args.sweep_batch_sizes, args.sweep_learning_rates, args.sweep_lora_ranks)
+    return _run_on_services(args, lambda settings, clients, store: refiner_sweep(
+        settings, clients, store, configs, include_base=args.base))
+
+
+def cmd_feedback_ablation(args) -> int:
+    """1-shot refinement without fine-tuning, the right feedback vs shuffled feedback, on MBPP_Train."""
+    from loop.refiner_sweep import feedback_ablation
+    return _run_on_services(args, feedback_ablation)
 
 
 def cmd_retrain(args) -> int:
@@ -382,7 +410,7 @@ def _show_item(item) -> None:
     from ilf.v1 import execution_pb2, feedback_pb2
     print(f"item {item.item_id} ({feedback_pb2.QueueState.Name(item.state).removeprefix('QUEUE_STATE_').lower()}) "
           f"task {item.task_set}/{item.task_id}, written by {item.model_version}"
-          + (f"; lease {item.lease_id} until {time.strftime('%H:%M:%S', time.gmtime(item.lease_expires_at))} UTC"
+          + (f"; lease {item.lease_id} until {item.lease_expires_at.ToJsonString()}"
              if item.lease_id else ""))
     print(f"\nTASK: {item.task_text}\n\nPROGRAM:\n{item.program}\n")
     if item.load_error:
@@ -482,6 +510,37 @@ def _add_loop_parsers(sub) -> None:
     history.set_defaults(func=cmd_history)
 
 
+def _add_experiment_parsers(sub) -> None:
+    """The comparison, pi_Refine's sweep and the feedback ablation: the paper's sampling budget by default."""
+    from loop.reproduce import DEFAULTS, METHODS, ROUNDS
+    reproduce = sub.add_parser("reproduce", help="the paper's comparison of methods on one base model, rejection "
+                                                 "sampling, and further ILF rounds on the model's own failures")
+    _add_round_flags(reproduce)
+    # The paper's budget with 10 evaluation samples per task (README: under 2 hours on 2 CPU cores).
+    reproduce.set_defaults(**DEFAULTS)
+    reproduce.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    reproduce.add_argument("--rounds", type=int, default=ROUNDS,
+                           help="ilf-rounds: ILF rounds after the first, with model-written feedback on the model's "
+                                "own failures through the annotation queue")
+    reproduce.set_defaults(func=cmd_reproduce)
+    sweep = sub.add_parser("refiner-sweep", help="fine-tune pi_Refine once per setting and score each on the "
+                                                 "annotated MBPP_Train tasks (never MBPP_Test)")
+    _add_round_flags(sweep)
+    sweep.set_defaults(train_tasks=0, refine_samples=30, refine_temperature=0.8, func=cmd_refiner_sweep)
+    sweep.add_argument("--sweep-epochs", type=int, nargs="+", default=[2, 6])
+    sweep.add_argument("--sweep-batch-sizes", type=int, nargs="+", default=[8])
+    sweep.add_argument("--sweep-learning-rates", type=float, nargs="+", default=[2e-4, 1e-3])
+    sweep.add_argument("--sweep-lora-ranks", type=int, nargs="+", default=[16])
+    sweep.add_argument("--no-base", dest="base", action="store_false",
+                       help="do not score the untrained base model as a refiner first")
+    ablation = sub.add_parser("feedback-ablation", help="1-shot refinement without fine-tuning with the right vs "
+                                                        "shuffled feedback on the annotated MBPP_Train tasks")
+    _add_round_flags(ablation)
+    ablation.set_defaults(train_tasks=0, refine_samples=30, refine_temperature=0.8, func=cmd_feedback_ablation)
+    for command in (reproduce, sweep, ablation):
+        command.add_argument("--local", action="store_true", help="start the services here for the run")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="ilf", description=__doc__)
@@ -495,15 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         _add_round_flags(p)
         p.set_defaults(func=func)
-    from loop.reproduce import METHODS
-    reproduce = sub.add_parser("reproduce", help="the paper's comparison of methods on one base model")
-    _add_round_flags(reproduce)
-    # Sized to finish in about an hour on 2 CPU cores with SmolLM2-135M: every MBPP_Test task, greedy;
-    # the first 48 annotated MBPP_Train tasks. --paper sets the paper's sizes.
-    reproduce.set_defaults(eval_tasks=0, train_tasks=48)
-    reproduce.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    reproduce.add_argument("--local", action="store_true", help="start the services here for the run")
-    reproduce.set_defaults(func=cmd_reproduce)
+    _add_experiment_parsers(sub)
     retrain = sub.add_parser("retrain", help="run a round whenever enough new human feedback has arrived")
     _add_round_flags(retrain)
     retrain.add_argument("--min-new-feedback", type=int, default=20)

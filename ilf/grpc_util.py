@@ -16,6 +16,7 @@ from typing import Callable, ClassVar, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from ilf import auth, config, metrics, tls
@@ -362,6 +363,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def timestamp(unix_seconds: float | None) -> Timestamp | None:
+    """A contract Timestamp (RFC 3339 in JSON, as grpcurl prints it); None (unset) for no time."""
+    if not unix_seconds:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(unix_seconds * 1e9))
+    return stamp
+
+
+def unix_seconds(stamp: Timestamp) -> float:
+    """Seconds since the epoch of a Timestamp field; 0.0 when unset."""
+    return stamp.ToNanoseconds() / 1e9
 
 
 def setup_logging() -> None:

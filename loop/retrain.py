@@ -20,6 +20,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from ilf.errors import AlreadyExists, NotFound
+from ilf.grpc_util import timestamp
 from ilf.store import ArtifactStore
 from ilf.v1 import feedback_pb2
 from loop.clients import Clients
@@ -44,7 +45,7 @@ def new_feedback_count(clients: Clients, since: float, task_set: str = "", autho
     human ones only unless authors is "any"."""
     author = feedback_pb2.AUTHOR_KIND_HUMAN if authors == "human" else feedback_pb2.AUTHOR_KIND_UNSPECIFIED
     return len(clients.feedback.ListFeedback(feedback_pb2.ListFeedbackRequest(filter=feedback_pb2.FeedbackFilter(
-        split="train", author_kind=author, since=since, task_set=task_set)), timeout=600).records)
+        split="train", author_kind=author, since=timestamp(since), task_set=task_set)), timeout=600).records)
 
 
 def policy_state(store: ArtifactStore) -> dict:

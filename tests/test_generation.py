@@ -198,7 +198,7 @@ def test_load_switch_rollback(served, local_registry, tiny_model_dir, tmp_path):
     assert on_lora.completions[0].text != on_base.completions[0].text, "the adapter must change the output"
 
     status = stub.SwitchModel(generation_pb2.SwitchModelRequest(model_version="lora-a"))
-    assert status.serving_version == "lora-a" and status.history == [base] and status.last_swap_seconds >= 0
+    assert status.serving_version == "lora-a" and status.history == [base] and status.last_swap_duration_seconds >= 0
     assert local_registry.serving_version("generation") == "lora-a"
     served_now = stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(max_new_tokens=12)))
     assert served_now.model_version == "lora-a" and served_now.completions[0].text == on_lora.completions[0].text

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from ilf.v1 import common_pb2 as _common_pb2
 from ilf.v1 import execution_pb2 as _execution_pb2
 from google.protobuf.internal import containers as _containers
@@ -71,13 +74,13 @@ class FeedbackRecord(_message.Message):
     annotator_id: str
     model_version: str
     human_refinement: str
-    created_at: float
+    created_at: _timestamp_pb2.Timestamp
     tests: TestSummary
     source: str
     task_set: str
     program_model_version: str
     queue_item: str
-    def __init__(self, record_id: _Optional[str] = ..., schema_version: _Optional[int] = ..., task_id: _Optional[int] = ..., split: _Optional[str] = ..., program: _Optional[str] = ..., feedback: _Optional[str] = ..., author_kind: _Optional[_Union[AuthorKind, str]] = ..., annotator_id: _Optional[str] = ..., model_version: _Optional[str] = ..., human_refinement: _Optional[str] = ..., created_at: _Optional[float] = ..., tests: _Optional[_Union[TestSummary, _Mapping]] = ..., source: _Optional[str] = ..., task_set: _Optional[str] = ..., program_model_version: _Optional[str] = ..., queue_item: _Optional[str] = ...) -> None: ...
+    def __init__(self, record_id: _Optional[str] = ..., schema_version: _Optional[int] = ..., task_id: _Optional[int] = ..., split: _Optional[str] = ..., program: _Optional[str] = ..., feedback: _Optional[str] = ..., author_kind: _Optional[_Union[AuthorKind, str]] = ..., annotator_id: _Optional[str] = ..., model_version: _Optional[str] = ..., human_refinement: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tests: _Optional[_Union[TestSummary, _Mapping]] = ..., source: _Optional[str] = ..., task_set: _Optional[str] = ..., program_model_version: _Optional[str] = ..., queue_item: _Optional[str] = ...) -> None: ...
 
 class SubmitFeedbackRequest(_message.Message):
     __slots__ = ("task_id", "program", "feedback", "annotator_id", "human_refinement", "task_set")
@@ -111,9 +114,9 @@ class FeedbackFilter(_message.Message):
     task_id: int
     split: str
     author_kind: AuthorKind
-    since: float
+    since: _timestamp_pb2.Timestamp
     task_set: str
-    def __init__(self, task_id: _Optional[int] = ..., split: _Optional[str] = ..., author_kind: _Optional[_Union[AuthorKind, str]] = ..., since: _Optional[float] = ..., task_set: _Optional[str] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[int] = ..., split: _Optional[str] = ..., author_kind: _Optional[_Union[AuthorKind, str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_set: _Optional[str] = ...) -> None: ...
 
 class ListFeedbackRequest(_message.Message):
     __slots__ = ("filter",)
@@ -196,10 +199,10 @@ class TaskSetInfo(_message.Message):
     name: str
     label: str
     tasks_per_split: _containers.ScalarMap[str, int]
-    created_at: float
+    created_at: _timestamp_pb2.Timestamp
     tasks: _containers.RepeatedCompositeFieldContainer[_common_pb2.Task]
     imported: bool
-    def __init__(self, name: _Optional[str] = ..., label: _Optional[str] = ..., tasks_per_split: _Optional[_Mapping[str, int]] = ..., created_at: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[_common_pb2.Task, _Mapping]]] = ..., imported: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., label: _Optional[str] = ..., tasks_per_split: _Optional[_Mapping[str, int]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tasks: _Optional[_Iterable[_Union[_common_pb2.Task, _Mapping]]] = ..., imported: _Optional[bool] = ...) -> None: ...
 
 class ImportTaskSetRequest(_message.Message):
     __slots__ = ("jsonl", "label")
@@ -296,12 +299,12 @@ class QueueItem(_message.Message):
     state: QueueState
     lease_id: str
     leased_by: str
-    lease_expires_at: float
+    lease_expires_at: _timestamp_pb2.Timestamp
     skipped_by: _containers.RepeatedScalarFieldContainer[str]
     record_id: str
     answered_by: str
-    created_at: float
-    def __init__(self, item_id: _Optional[str] = ..., task_set: _Optional[str] = ..., task_id: _Optional[int] = ..., task_text: _Optional[str] = ..., program: _Optional[str] = ..., model_version: _Optional[str] = ..., tests: _Optional[_Iterable[_Union[ItemTest, _Mapping]]] = ..., load_error: _Optional[str] = ..., state: _Optional[_Union[QueueState, str]] = ..., lease_id: _Optional[str] = ..., leased_by: _Optional[str] = ..., lease_expires_at: _Optional[float] = ..., skipped_by: _Optional[_Iterable[str]] = ..., record_id: _Optional[str] = ..., answered_by: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, item_id: _Optional[str] = ..., task_set: _Optional[str] = ..., task_id: _Optional[int] = ..., task_text: _Optional[str] = ..., program: _Optional[str] = ..., model_version: _Optional[str] = ..., tests: _Optional[_Iterable[_Union[ItemTest, _Mapping]]] = ..., load_error: _Optional[str] = ..., state: _Optional[_Union[QueueState, str]] = ..., lease_id: _Optional[str] = ..., leased_by: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., skipped_by: _Optional[_Iterable[str]] = ..., record_id: _Optional[str] = ..., answered_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListQueueRequest(_message.Message):
     __slots__ = ("task_set", "state", "limit")

@@ -64,19 +64,19 @@ class GetModelStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("serving_version", "loaded_versions", "history", "last_swap_seconds", "last_load_error", "loading_versions", "backend")
+    __slots__ = ("serving_version", "loaded_versions", "history", "last_swap_duration_seconds", "last_load_error", "loading_versions", "backend")
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
-    LAST_SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SWAP_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     LOADING_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     serving_version: str
     loaded_versions: _containers.RepeatedScalarFieldContainer[str]
     history: _containers.RepeatedScalarFieldContainer[str]
-    last_swap_seconds: float
+    last_swap_duration_seconds: float
     last_load_error: str
     loading_versions: _containers.RepeatedScalarFieldContainer[str]
     backend: str
-    def __init__(self, serving_version: _Optional[str] = ..., loaded_versions: _Optional[_Iterable[str]] = ..., history: _Optional[_Iterable[str]] = ..., last_swap_seconds: _Optional[float] = ..., last_load_error: _Optional[str] = ..., loading_versions: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ...) -> None: ...
+    def __init__(self, serving_version: _Optional[str] = ..., loaded_versions: _Optional[_Iterable[str]] = ..., history: _Optional[_Iterable[str]] = ..., last_swap_duration_seconds: _Optional[float] = ..., last_load_error: _Optional[str] = ..., loading_versions: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ...) -> None: ...

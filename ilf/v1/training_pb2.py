@@ -22,31 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ilf/v1/training.proto\x12\x06ilf.v1\"\xd3\x01\n\x0fHyperparameters\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x11\n\tlora_rank\x18\x06 \x01(\r\x12\x12\n\nlora_alpha\x18\x07 \x01(\x01\x12\x14\n\x0clora_dropout\x18\x08 \x01(\x01\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x15\n\rmerge_weights\x18\n \x01(\x08\"\x82\x01\n\x10SubmitRunRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1a\n\x12\x62\x61se_model_version\x18\x02 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x03 \x01(\x0b\x32\x17.ilf.v1.Hyperparameters\x12\x0f\n\x07purpose\x18\x04 \x01(\t\"\x89\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\x12\r\n\x05phase\x18\x07 \x01(\t\"\xd6\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.ilf.v1.RunState\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x1a\n\x12\x62\x61se_model_version\x18\x04 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x05 \x01(\x0b\x32\x17.ilf.v1.Hyperparameters\x12\"\n\x08progress\x18\x06 \x01(\x0b\x32\x10.ilf.v1.Progress\x12\x1c\n\x14output_model_version\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x10\n\x08log_tail\x18\x0b \x03(\t\x12\x0f\n\x07purpose\x18\x0c \x01(\t\x12\x11\n\tartifacts\x18\r \x01(\t\x12\x10\n\x08launcher\x18\x0e \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x11\n\x0fListRunsRequest\"-\n\x10ListRunsResponse\x12\x19\n\x04runs\x18\x01 \x03(\x0b\x32\x0b.ilf.v1.Run*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x32\x8e\x02\n\x08Training\x12\x32\n\tSubmitRun\x12\x18.ilf.v1.SubmitRunRequest\x1a\x0b.ilf.v1.Run\x12,\n\x06GetRun\x12\x15.ilf.v1.GetRunRequest\x1a\x0b.ilf.v1.Run\x12\x30\n\x08WatchRun\x12\x15.ilf.v1.GetRunRequest\x1a\x0b.ilf.v1.Run0\x01\x12/\n\tCancelRun\x12\x15.ilf.v1.GetRunRequest\x1a\x0b.ilf.v1.Run\x12=\n\x08ListRuns\x12\x17.ilf.v1.ListRunsRequest\x1a\x18.ilf.v1.ListRunsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ilf/v1/training.proto\x12\x06ilf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x01\n\x0fHyperparameters\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x11\n\tlora_rank\x18\x06 \x01(\r\x12\x12\n\nlora_alpha\x18\x07 \x01(\x01\x12\x14\n\x0clora_dropout\x18\x08 \x01(\x01\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x15\n\rmerge_weights\x18\n \x01(\x08\"\x82\x01\n\x10SubmitRunRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1a\n\x12\x62\x61se_model_version\x18\x02 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x03 \x01(\x0b\x32\x17.ilf.v1.Hyperparameters\x12\x0f\n\x07purpose\x18\x04 \x01(\t\"\x89\x01\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\x12\r\n\x05phase\x18\x07 \x01(\t\"\x8e\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.ilf.v1.RunState\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x1a\n\x12\x62\x61se_model_version\x18\x04 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x05 \x01(\x0b\x32\x17.ilf.v1.Hyperparameters\x12\"\n\x08progress\x18\x06 \x01(\x0b\x32\x10.ilf.v1.Progress\x12\x1c\n\x14output_model_version\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08log_tail\x18\x0b \x03(\t\x12\x0f\n\x07purpose\x18\x0c \x01(\t\x12\x11\n\tartifacts\x18\r \x01(\t\x12\x10\n\x08launcher\x18\x0e \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x11\n\x0fListRunsRequest\"-\n\x10ListRunsResponse\x12\x19\n\x04runs\x18\x01 \x03(\x0b\x32\x0b.ilf.v1.Run*\x9a\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x32\x8e\x02\n\x08Training\x12\x32\n\tSubmitRun\x12\x18.ilf.v1.SubmitRunRequest\x1a\x0b.ilf.v1.Run\x12,\n\x06GetRun\x12\x15.ilf.v1.GetRunRequest\x1a\x0b.ilf.v1.Run\x12\x30\n\x08WatchRun\x12\x15.ilf.v1.GetRunRequest\x1a\x0b.ilf.v1.Run0\x01\x12/\n\tCancelRun\x12\x15.ilf.v1.GetRunRequest\x1a\x0b.ilf.v1.Run\x12=\n\x08ListRuns\x12\x17.ilf.v1.ListRunsRequest\x1a\x18.ilf.v1.ListRunsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ilf.v1.training_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=965
-  _globals['_RUNSTATE']._serialized_end=1119
-  _globals['_HYPERPARAMETERS']._serialized_start=34
-  _globals['_HYPERPARAMETERS']._serialized_end=245
-  _globals['_SUBMITRUNREQUEST']._serialized_start=248
-  _globals['_SUBMITRUNREQUEST']._serialized_end=378
-  _globals['_PROGRESS']._serialized_start=381
-  _globals['_PROGRESS']._serialized_end=518
-  _globals['_RUN']._serialized_start=521
-  _globals['_RUN']._serialized_end=863
-  _globals['_GETRUNREQUEST']._serialized_start=865
-  _globals['_GETRUNREQUEST']._serialized_end=896
-  _globals['_LISTRUNSREQUEST']._serialized_start=898
-  _globals['_LISTRUNSREQUEST']._serialized_end=915
-  _globals['_LISTRUNSRESPONSE']._serialized_start=917
-  _globals['_LISTRUNSRESPONSE']._serialized_end=962
-  _globals['_TRAINING']._serialized_start=1122
-  _globals['_TRAINING']._serialized_end=1392
+  _globals['_RUNSTATE']._serialized_start=1054
+  _globals['_RUNSTATE']._serialized_end=1208
+  _globals['_HYPERPARAMETERS']._serialized_start=67
+  _globals['_HYPERPARAMETERS']._serialized_end=278
+  _globals['_SUBMITRUNREQUEST']._serialized_start=281
+  _globals['_SUBMITRUNREQUEST']._serialized_end=411
+  _globals['_PROGRESS']._serialized_start=414
+  _globals['_PROGRESS']._serialized_end=551
+  _globals['_RUN']._serialized_start=554
+  _globals['_RUN']._serialized_end=952
+  _globals['_GETRUNREQUEST']._serialized_start=954
+  _globals['_GETRUNREQUEST']._serialized_end=985
+  _globals['_LISTRUNSREQUEST']._serialized_start=987
+  _globals['_LISTRUNSREQUEST']._serialized_end=1004
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1006
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1051
+  _globals['_TRAINING']._serialized_start=1211
+  _globals['_TRAINING']._serialized_end=1481
 # @@protoc_insertion_point(module_scope)

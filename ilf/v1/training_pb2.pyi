@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -100,13 +103,13 @@ class Run(_message.Message):
     progress: Progress
     output_model_version: str
     error: str
-    created_at: float
-    updated_at: float
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
     log_tail: _containers.RepeatedScalarFieldContainer[str]
     purpose: str
     artifacts: str
     launcher: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., dataset: _Optional[str] = ..., base_model_version: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., output_model_version: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., log_tail: _Optional[_Iterable[str]] = ..., purpose: _Optional[str] = ..., artifacts: _Optional[str] = ..., launcher: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., dataset: _Optional[str] = ..., base_model_version: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., output_model_version: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., log_tail: _Optional[_Iterable[str]] = ..., purpose: _Optional[str] = ..., artifacts: _Optional[str] = ..., launcher: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -1,16 +1,21 @@
 """gRPC servicer of the feedback service, a thin layer over FeedbackService."""
 from __future__ import annotations
 
-from ilf import config
-from ilf.grpc_util import Server, channel, setup_logging
+import logging
+
+from ilf.grpc_util import Server, Service, channel, serve, timestamp, unix_seconds
 from ilf.store import ArtifactStore, open_store
 from ilf.tasksets import TaskSet
 from ilf.v1 import common_pb2, execution_pb2, execution_pb2_grpc, feedback_pb2, feedback_pb2_grpc, generation_pb2_grpc
 from services.feedback.checks import FeedbackChecks
+from services.feedback.config import FeedbackConfig
 from services.feedback.queue import STATES, Item, State
 from services.feedback.records import FeedbackRecord, FeedbackStore, Filter
 from services.feedback.service import FeedbackService
+from services.feedback.web import annotation_page
 from services.feedback.writer import FeedbackWriter
+
+log = logging.getLogger(__name__)
 
 AUTHOR_KINDS = {"human": feedback_pb2.AUTHOR_KIND_HUMAN, "model": feedback_pb2.AUTHOR_KIND_MODEL}
 AUTHOR_KIND_NAMES = {number: name for name, number in AUTHOR_KINDS.items()}
@@ -19,12 +24,13 @@ AUTHOR_KIND_NAMES = {number: name for name, number in AUTHOR_KINDS.items()}
 def record_proto(record: FeedbackRecord) -> feedback_pb2.FeedbackRecord:
     fields = record.to_dict()
     return feedback_pb2.FeedbackRecord(**{**fields, "author_kind": AUTHOR_KINDS[record.author_kind],
-                                          "tests": feedback_pb2.TestSummary(**fields["tests"])})
+                                          "tests": feedback_pb2.TestSummary(**fields["tests"]),
+                                          "created_at": timestamp(record.created_at)})
 
 
 def filter_of(message: feedback_pb2.FeedbackFilter) -> Filter:
     return Filter(task_id=message.task_id, split=message.split,
-                  author_kind=AUTHOR_KIND_NAMES.get(message.author_kind, ""), since=message.since,
+                  author_kind=AUTHOR_KIND_NAMES.get(message.author_kind, ""), since=unix_seconds(message.since),
                   task_set=message.task_set)
 
 
@@ -33,7 +39,7 @@ def task_set_proto(task_set: TaskSet, *, include_tasks: bool = False, imported: 
     tasks = [common_pb2.Task(task_id=t.task_id, text=t.text, tests=t.tests, test_setup_code=t.test_setup_code,
                              code_prefix=t.code_prefix, task_set=task_set.name) for t in task_set.tasks]
     return feedback_pb2.TaskSetInfo(name=task_set.name, label=task_set.label, tasks_per_split=task_set.counts(),
-                                    created_at=task_set.created_at, tasks=tasks if include_tasks else [],
+                                    created_at=timestamp(task_set.created_at), tasks=tasks if include_tasks else [],
                                     imported=imported)
 
 
@@ -51,8 +57,8 @@ def item_proto(item: Item, state: State, task_text: str, *, show_lease: bool = F
         item_id=item.item_id, task_set=item.task_set, task_id=item.task_id, task_text=task_text, program=item.program,
         model_version=item.model_version, tests=tests, load_error=item.load_error, state=QUEUE_STATES[state.state],
         lease_id=state.lease_id if show_lease else "", leased_by=state.leased_by,
-        lease_expires_at=state.lease_expires_at, skipped_by=state.skipped_by, record_id=state.record_id,
-        answered_by=state.answered_by, created_at=item.created_at)
+        lease_expires_at=timestamp(state.lease_expires_at), skipped_by=state.skipped_by, record_id=state.record_id,
+        answered_by=state.answered_by, created_at=timestamp(item.created_at))
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
@@ -130,19 +136,40 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         return feedback_pb2.AnswerWithModelResponse(records=[record_proto(r) for r in records], silent=silent)
 
 
-def build_server(port: int, store: ArtifactStore | None = None) -> Server:
+class FeedbackGrpcService(Service):
+    names = (feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name,)
+
+    def __init__(self, service: FeedbackService, settings: FeedbackConfig):
+        self.service = service
+        self.settings = settings
+        self.web = annotation_page(service, settings)
+
+    def add_to(self, grpc_server) -> None:
+        feedback_pb2_grpc.add_FeedbackServicer_to_server(FeedbackServicer(self.service), grpc_server)
+
+    def load(self) -> str:
+        # Nothing to load: it serves at once, and answers UNAVAILABLE per call while a service it needs is down.
+        if self.web:
+            self.web.start()
+        return (f"execution at {self.settings.execution_addr}, generation at {self.settings.generation_addr}"
+                + (f", annotation page at {self.web.url}" if self.web else ""))
+
+    def close(self) -> None:
+        if self.web:
+            self.web.stop()
+
+
+def build_server(port: int | None = None, store: ArtifactStore | None = None,
+                 settings: FeedbackConfig | None = None) -> Server:
     """The server, not started; it reaches execution and generation at ILF_EXECUTION_ADDR and ILF_GENERATION_ADDR."""
+    settings = settings or FeedbackConfig.from_env()
+    log.info("%s", settings.describe())
     service = FeedbackService(
         FeedbackStore(store or open_store()),
-        FeedbackChecks(execution_pb2_grpc.ExecutionStub(channel(config.get("ILF_EXECUTION_ADDR")))),
-        FeedbackWriter(generation_pb2_grpc.GenerationStub(channel(config.get("ILF_GENERATION_ADDR")))))
-    server = Server([feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name], port)
-    server.add(feedback_pb2_grpc.add_FeedbackServicer_to_server, FeedbackServicer(service))
-    # Nothing to load: it serves at once, and answers UNAVAILABLE per call while a service it needs is down.
-    server.set_serving(True)
-    return server
+        FeedbackChecks(execution_pb2_grpc.ExecutionStub(channel(settings.execution_addr))),
+        FeedbackWriter(generation_pb2_grpc.GenerationStub(channel(settings.generation_addr))))
+    return Server(FeedbackGrpcService(service, settings), settings.port if port is None else port, settings.server)
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    build_server(int(config.get("ILF_FEEDBACK_PORT"))).run_until_signal()
+    serve(build_server)

@@ -260,7 +260,7 @@ class TgiBackend(Backend):
 
     def status(self):
         return {"serving_version": self.version, "loaded_versions": [self.version] if self.version else [],
-                "history": [], "last_swap_seconds": 0.0, "last_load_error": "", "loading_versions": [],
+                "history": [], "last_swap_duration_seconds": 0.0, "last_load_error": "", "loading_versions": [],
                 "backend": self.name}
 
 

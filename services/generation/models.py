@@ -60,7 +60,7 @@ class ModelManager:
         self._swap_lock = threading.Lock()                             # one switch or rollback at a time
         self._version_locks: dict[str, threading.Lock] = {}
         self.loading: set[str] = set()
-        self.last_swap_seconds = 0.0
+        self.last_swap_duration_seconds = 0.0
         self.last_load_error = ""
         track(self, metrics.MODELS)
 
@@ -173,10 +173,10 @@ class ModelManager:
                 self._canary = None   # the candidate is promoted: it serves every request now
             self._loaded.move_to_end(loaded.version)
             self._evict(keep=loaded.version)
-        self.last_swap_seconds = time.monotonic() - started
+        self.last_swap_duration_seconds = time.monotonic() - started
         metrics.SWAPS.inc()
         log.info("serving %s (was %s); swap took %.2f s", loaded.version,
-                 previous.version if previous else None, self.last_swap_seconds)
+                 previous.version if previous else None, self.last_swap_duration_seconds)
 
     def _evict(self, keep: str) -> None:
         """Drops the least recently used versions beyond max_loaded; running requests keep their reference."""
@@ -194,5 +194,5 @@ class ModelManager:
         with self._lock:
             return {"serving_version": self._serving.version if self._serving else "",
                     "loaded_versions": list(self._loaded), "history": list(pointer["history"]),
-                    "last_swap_seconds": self.last_swap_seconds, "last_load_error": self.last_load_error,
+                    "last_swap_duration_seconds": self.last_swap_duration_seconds, "last_load_error": self.last_load_error,
                     "loading_versions": sorted(self.loading)}

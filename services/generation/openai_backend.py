@@ -62,7 +62,7 @@ class OpenAIBackend(Backend):
         self.serving = ""
         self.canary: tuple[str, float] | None = None   # a candidate version and its share of new requests
         self.loading: set[str] = set()
-        self.last_swap_seconds = 0.0
+        self.last_swap_duration_seconds = 0.0
         self.last_load_error = ""
         self.follower = PointerFollower(registry, CHANNEL, self.follow, settings.serving_poll_s,
                                         describe=self.describe)
@@ -127,8 +127,8 @@ class OpenAIBackend(Backend):
             previous, self.serving = self.serving, version
             if self.canary and self.canary[0] == version:
                 self.canary = None   # the candidate is promoted: it serves every request now
-        self.last_swap_seconds = time.monotonic() - started
-        log.info("serving %s (was %s); swap took %.2f s", version, previous, self.last_swap_seconds)
+        self.last_swap_duration_seconds = time.monotonic() - started
+        log.info("serving %s (was %s); swap took %.2f s", version, previous, self.last_swap_duration_seconds)
 
     def _load(self, version: str) -> None:
         """Makes version servable by the remote server; raises, changing nothing, when it cannot be."""
@@ -188,7 +188,7 @@ class OpenAIBackend(Backend):
         pointer = self.registry.serving(CHANNEL) or {"history": []}
         with self._lock:
             return {"serving_version": self.serving, "loaded_versions": list(self.names),
-                    "history": list(pointer["history"]), "last_swap_seconds": self.last_swap_seconds,
+                    "history": list(pointer["history"]), "last_swap_duration_seconds": self.last_swap_duration_seconds,
                     "last_load_error": self.last_load_error, "loading_versions": sorted(self.loading),
                     "backend": self.name}
 

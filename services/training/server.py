@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from ilf.grpc_util import Server, Service, serve
+from ilf.grpc_util import Server, Service, serve, timestamp
 from ilf.metrics import track
 from ilf.store import open_store
 from ilf.training_spec import HYPERPARAMETER_FIELDS
@@ -22,8 +22,8 @@ def to_proto(run: dict) -> training_pb2.Run:
         base_model_version=run["base_model_version"], purpose=run["purpose"],
         hyperparameters=training_pb2.Hyperparameters(**run["hyperparameters"]),
         progress=training_pb2.Progress(**run["progress"]),
-        output_model_version=run["output_model_version"], error=run["error"], created_at=run["created_at"],
-        updated_at=run["updated_at"], log_tail=run["log_tail"], artifacts=f"runs/{run['run_id']}/",
+        output_model_version=run["output_model_version"], error=run["error"], created_at=timestamp(run["created_at"]),
+        updated_at=timestamp(run["updated_at"]), log_tail=run["log_tail"], artifacts=f"runs/{run['run_id']}/",
         launcher=(run["handle"] or {}).get("launcher", ""))
 
 
