@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,16 @@ def test_the_checker_sees_each_kind_of_import(tmp_path):
     sample.write_text("import services.generation\nfrom loop.round import run_round\nimport importlib\n"
                       "importlib.import_module(f'services.{name}.server')\n")
     assert {top(m) for m in imported_modules(sample)} == {"services", "loop", "importlib"}
+
+
+def test_the_readme_layout_table_and_the_tree_agree():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| path | what |"):readme.index("Services talk to each other")]
+    listed = {path.strip("/") for path in re.findall(r"^\| `([\w./<>-]+)`", table, re.M)}
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert packages <= listed | {"ilf"}, f"packages missing from the README's layout table: {packages - listed}"
+    for path in listed - {"services/<name>"}:
+        assert (ROOT / path).exists(), f"the README's layout table names {path}, which does not exist"
+    services = {p.name for p in (ROOT / "services").iterdir() if (p / "__init__.py").exists()}
+    row = next(line for line in table.splitlines() if line.startswith("| `services/<name>/`"))
+    assert all(f"`{name}`" in row for name in services), row
