@@ -82,8 +82,9 @@ class GenerationService(Service):
         if self.http:
             self.http.start()
         self.backend.start()
-        status = self.backend.status()
-        return f"{status['backend']} backend serving {status['serving_version']}"
+        status, info = self.backend.status(), self.backend.model_info()
+        return (f"{status['backend']} backend serving {status['serving_version']}"
+                f" ({info.get('dtype') or 'dtype unknown'} on {info.get('device_type') or 'an unknown device'})")
 
     def close(self) -> None:
         if self.http:
