@@ -62,6 +62,7 @@
     const results = document.getElementById("run-results");
     run.disabled = true;
     status.textContent = "running the tests in the sandbox…";
+    status.className = "hint";
     results.replaceChildren();
     try {
       const reply = await fetch(run.dataset.url, {
