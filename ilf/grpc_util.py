@@ -235,10 +235,14 @@ class Server:
     """A gRPC server with health checking, reflection, authentication, TLS, metrics, the error interceptor and the
     probe limit, around one Service."""
 
-    def __init__(self, service: Service, port: int, settings: ServerConfig | None = None, *,
+    def __init__(self, service: Service, config_of_service: config.Section, port: int | None = None, *,
                  interceptors: Iterable[grpc.ServerInterceptor] = ()):
+        """`config_of_service` is the service's frozen config object: its `port` (unless `port` is given) and its
+        `server` settings are used here, and all of it is logged once, as the first line of the start."""
+        log.info("%s", config_of_service.describe())
+        port = config_of_service.port if port is None else port
         self.service = service
-        self.settings = settings or ServerConfig.from_env()
+        self.settings: ServerConfig = config_of_service.server
         self.service_names = list(service.names)
         host = self.settings.bind_host
         credentials = tls.server_credentials()

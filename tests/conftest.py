@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from ilf.config import Section
 from ilf.grpc_util import Server, ServerConfig, Service, free_port  # noqa: F401 - the tests import free_port here
 from ilf.tiny_model import build_tiny_model
 
@@ -123,7 +125,14 @@ class EmptyService(Service):
         pass
 
 
+@dataclass(frozen=True)
+class EmptyConfig(Section):
+    """The config object of a test server: a port and the shared server settings."""
+    port: int
+    server: ServerConfig
+
+
 def empty_server(port: int = 0, host: str | None = None) -> Server:
     settings = ServerConfig.from_env()
-    return Server(EmptyService("ilf.v1.Test"), port,
-                  dataclasses.replace(settings, bind_host=host) if host else settings)
+    return Server(EmptyService("ilf.v1.Test"), EmptyConfig(port, dataclasses.replace(settings, bind_host=host)
+                                                            if host else settings))

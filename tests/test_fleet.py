@@ -17,9 +17,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 import torch
 
-from conftest import free_port
+from conftest import EmptyConfig, free_port
 from ilf import tasksets
 from ilf.grpc_util import Server, ServerConfig, channel, client_target
 from ilf.registry import ModelVersion, Registry
@@ -123,7 +124,7 @@ def start_replicas(make_service, port: int) -> list[Replica]:
     for host, service in zip(HOSTS, make_service()):
         counter = CallCounter()
         settings = dataclasses.replace(ServerConfig.from_env(), bind_host=host, drain_s=5)
-        server = Server(service, port, settings, interceptors=[counter])
+        server = Server(service, EmptyConfig(port, settings), interceptors=[counter])
         server.start()
         replicas.append(Replica(server, counter, host))
     for replica in replicas:
@@ -343,7 +344,8 @@ def test_canary_share_and_decision(fleet_env, dns, local_registry, tiny_model_di
     candidate = eos_model(local_registry, tiny_model_dir, tmp_path / "eos-b", "eos-b")
     local_registry.promote("generation", serving)
     replicas = generation_replicas(port)
-    execution = Server(ExecutionService(Executor()), free_port(), dataclasses.replace(ServerConfig.from_env(), bind_host=HOSTS[0]))
+    execution = Server(ExecutionService(Executor()),
+                       EmptyConfig(free_port(), dataclasses.replace(ServerConfig.from_env(), bind_host=HOSTS[0])))
     execution.start()
     stub = generation_pb2_grpc.GenerationStub(channel(dns.target(port)))
     try:

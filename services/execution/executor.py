@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar, Iterable, Iterator
 
-from ilf.config import Section, setting
+from ilf.config import Section, nested, setting
+from ilf.grpc_util import ServerConfig
 from ilf.errors import InvalidArgument
 from services.execution.checks import (
     MAX_RESULT_ITEMS, EvaluationLimit, HoleError, Meter, NotATest, ResultTooLarge, TestPlan, Unsupported,
@@ -86,6 +87,8 @@ class Settings(Section):
     max_output_bytes: int = setting("ILF_EXECUTION_MAX_OUTPUT_BYTES")
     require_sandbox: bool = setting("ILF_EXECUTION_REQUIRE_SANDBOX")
     batch_memory_mb: int = setting("ILF_EXECUTION_BATCH_MEMORY_MB")
+    port: int = setting("ILF_EXECUTION_PORT")
+    server: ServerConfig = nested(ServerConfig)
 
     def __post_init__(self):
         if not self.workers:

@@ -6,7 +6,6 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
-from ilf import config
 from ilf.errors import InvalidArgument
 from ilf.grpc_util import Server, Service, serve
 from ilf.metrics import track
@@ -124,13 +123,11 @@ class ExecutionService(Service):
 
 
 def build_server(port: int | None = None, executor: Executor | None = None) -> Server:
-    """A server, not started; its sandbox workers are already running."""
-    port = config.get("ILF_EXECUTION_PORT") if port is None else port
+    """A server, not started; its sandbox workers are already running (a given executor is the caller's to close)."""
     if executor is None:
-        settings = Settings.from_env()
-        log.info("%s", settings.describe())
-        return Server(ExecutionService(Executor(settings)), port)
-    return Server(ExecutionService(executor, owns_executor=False), port)
+        executor = Executor(Settings.from_env())
+        return Server(ExecutionService(executor), executor.settings, port)
+    return Server(ExecutionService(executor, owns_executor=False), executor.settings, port)
 
 
 def main(argv=None) -> None:

@@ -163,12 +163,11 @@ def build_server(port: int | None = None, store: ArtifactStore | None = None,
                  settings: FeedbackConfig | None = None) -> Server:
     """The server, not started; it reaches execution and generation at ILF_EXECUTION_ADDR and ILF_GENERATION_ADDR."""
     settings = settings or FeedbackConfig.from_env()
-    log.info("%s", settings.describe())
     service = FeedbackService(
         FeedbackStore(store or open_store()),
         FeedbackChecks(execution_pb2_grpc.ExecutionStub(channel(settings.execution_addr))),
         FeedbackWriter(generation_pb2_grpc.GenerationStub(channel(settings.generation_addr))))
-    return Server(FeedbackGrpcService(service, settings), settings.port if port is None else port, settings.server)
+    return Server(FeedbackGrpcService(service, settings), settings, port)
 
 
 def main(argv=None) -> None:

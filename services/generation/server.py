@@ -96,10 +96,9 @@ def build_server(port: int | None = None, *, backend: Backend | None = None,
                  settings: GenerationConfig | None = None) -> Server:
     """The server, not started; on start the first model loads in the background and health turns SERVING."""
     settings = settings or GenerationConfig.from_env()
-    log.info("%s", settings.describe())
     service = GenerationService(backend or make_backend(Registry(open_store()), settings), settings.http_port,
                                 bind_host=settings.server.bind_host)
-    return Server(service, settings.port if port is None else port, settings.server)
+    return Server(service, settings, port)
 
 
 def main(argv=None) -> None:

@@ -76,8 +76,7 @@ class RefinementService(Service):
 def build_server(port: int | None = None, settings: RefinementConfig | None = None) -> Server:
     """The server, not started; on start the first model loads in the background and health turns SERVING."""
     settings = settings or RefinementConfig.from_env()
-    log.info("%s", settings.describe())
-    return Server(RefinementService(settings), settings.port if port is None else port, settings.server)
+    return Server(RefinementService(settings), settings, port)
 
 
 def main(argv=None) -> None:

@@ -72,8 +72,7 @@ class TrainingService(Service):
 def build_server(port: int | None = None, settings: TrainingConfig | None = None) -> Server:
     """The server, not started; on start run monitoring (including runs left by an earlier process) begins."""
     settings = settings or TrainingConfig.from_env()
-    log.info("%s", settings.describe())
-    return Server(TrainingService(settings), settings.port if port is None else port, settings.server)
+    return Server(TrainingService(settings), settings, port)
 
 
 def main(argv=None) -> None:
