@@ -172,6 +172,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "Generation service that serves pi_Refine's weights for the refinement service."),
     Setting("ILF_REFINEMENT_MAX_N", "64", "Largest n (refinements per request).", integer(1)),
     Setting("ILF_REFINEMENT_MAX_NEW_TOKENS", "1024", "Largest max_new_tokens of a refinement request.", integer(1)),
+    Setting("ILF_FEEDBACK_ACCEPT_TEST_SPLIT", "false",
+            "Store feedback on tasks of a test split (no round trains on it, and it would leak held-out tasks); "
+            "refused with FAILED_PRECONDITION by default.", BOOL),
     Setting("ILF_MAX_FEEDBACK_CHARS", "8000", "Longest feedback text the feedback and refinement services accept.",
             integer(1)),
     Setting("ILF_MAX_PROGRAM_CHARS", "64000", "Longest program the feedback and refinement services accept.",

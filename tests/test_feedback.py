@@ -9,14 +9,14 @@ import grpc
 import pytest
 
 from conftest import free_port
-from ilf import data
+from ilf import config, data
 from ilf.datasets import read_dataset
 from ilf.errors import AlreadyExists, InvalidArgument, NotFound
 from ilf.grpc_util import channel
 from ilf.store import open_store
 from ilf.v1 import execution_pb2, feedback_pb2, feedback_pb2_grpc
 from services.feedback import server as feedback_server
-from services.feedback.checks import MAX_FEEDBACK_CHARS, failure_of
+from services.feedback.checks import failure_of
 from services.feedback.records import FeedbackStore, Filter, new_record
 from services.feedback.writer import feedback_prompt, results_report
 
@@ -38,8 +38,12 @@ def execution_address():
 @pytest.fixture
 def store_url(tmp_path, monkeypatch):
     monkeypatch.setenv("ILF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ILF_CACHE", str(tmp_path / "cache"))
     url = f"file://{tmp_path / 'store'}"
     monkeypatch.setenv("ILF_STORE", url)
+    # These tests submit the paper's annotations of MBPP_Test programs; by default such feedback is refused
+    # (test_feedback_on_a_test_task_is_refused_by_default).
+    monkeypatch.setenv("ILF_FEEDBACK_ACCEPT_TEST_SPLIT", "true")
     return url
 
 
@@ -56,7 +60,7 @@ def start_feedback(store_url, execution_address, monkeypatch):
         return feedback_pb2_grpc.FeedbackStub(channel(f"127.0.0.1:{server.port}"))
     yield start
     for server in servers:
-        server.grpc_server.stop(None)
+        server.stop(0)
 
 
 @pytest.fixture
@@ -219,6 +223,22 @@ def test_submission_is_checked_stored_and_returned_again(feedback):
     assert without_refinement.record_id != record.record_id and not without_refinement.tests.refinement_passed
 
 
+def test_feedback_on_a_test_task_is_refused_by_default(feedback, monkeypatch):
+    """No round trains on a test split, and feedback there would leak held-out tasks: refused, saying so."""
+    monkeypatch.setenv("ILF_FEEDBACK_ACCEPT_TEST_SPLIT", "false")
+    refusing = feedback_server.build_server(0)
+    refusing.start()
+    try:
+        stub = feedback_pb2_grpc.FeedbackStub(channel(f"127.0.0.1:{refusing.port}"))
+        error = rejected(stub.SubmitFeedback, submit_request(annotation()))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "test split" in error.details() and "ILF_FEEDBACK_ACCEPT_TEST_SPLIT" in error.details()
+        train = annotation("train")
+        assert stub.SubmitFeedback(submit_request(train), timeout=60).split == "train"
+    finally:
+        refusing.stop(0)
+
+
 def test_bad_submissions_are_rejected_with_the_reason(feedback):
     note = annotation()
     task = data.task(note.task_id)
@@ -230,7 +250,7 @@ def test_bad_submissions_are_rejected_with_the_reason(feedback):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "refinement does not pass" in error.details() and "test " in error.details()
     for changes, reason in [(dict(feedback="  \n"), "feedback is empty"),
-                            (dict(feedback="x" * (MAX_FEEDBACK_CHARS + 1)), "feedback is longer"),
+                            (dict(feedback="x" * (config.get("ILF_MAX_FEEDBACK_CHARS") + 1)), "feedback is longer"),
                             (dict(annotator_id=""), "annotator_id is empty"),
                             (dict(program=""), "program is empty")]:
         error = rejected(feedback.SubmitFeedback, submit_request(note, **changes))
@@ -263,7 +283,7 @@ def test_an_unreachable_execution_service_is_unavailable(store_url, monkeypatch)
         error = rejected(stub.SubmitFeedback, submit_request(annotation()))
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "execution service" in error.details()
     finally:
-        server.grpc_server.stop(None)
+        server.stop(0)
 
 
 def test_exported_records_are_the_stored_records(feedback, store_url):

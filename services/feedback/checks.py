@@ -11,8 +11,6 @@ from ilf.tasksets import Task
 from ilf.v1 import execution_pb2, execution_pb2_grpc
 from services.feedback.records import TestSummary
 
-MAX_FEEDBACK_CHARS = 8000
-MAX_PROGRAM_CHARS = 64000
 MAX_ANNOTATOR_CHARS = 200
 EXECUTION_CALL_S = 120.0
 
@@ -40,8 +38,11 @@ def failure_of(result: execution_pb2.ExecuteResponse) -> str:
 class FeedbackChecks:
     """Runs programs against their task's tests through an Execution stub and rejects bad submissions."""
 
-    def __init__(self, execution: execution_pb2_grpc.ExecutionStub):
+    def __init__(self, execution: execution_pb2_grpc.ExecutionStub, *, max_feedback_chars: int,
+                 max_program_chars: int):
         self.execution = execution
+        self.max_feedback_chars = max_feedback_chars     # ILF_MAX_FEEDBACK_CHARS
+        self.max_program_chars = max_program_chars       # ILF_MAX_PROGRAM_CHARS
 
     def _run_async(self, task: Task, program: str):
         request = execution_pb2.ExecuteRequest(program=program, test_setup_code=task.test_setup_code,
@@ -83,7 +84,7 @@ class FeedbackChecks:
 
     def failing_run(self, task: Task, program: str) -> execution_pb2.ExecuteResponse:
         """The program's results; INVALID_ARGUMENT when it passes (feedback is for failing programs)."""
-        check_text("program", program, MAX_PROGRAM_CHARS)
+        check_text("program", program, self.max_program_chars)
         return self._require_failure(task, self._result(self._run_async(task, program)))
 
     @staticmethod
@@ -96,10 +97,10 @@ class FeedbackChecks:
     def check_submission(self, task: Task, program: str, feedback: str, annotator_id: str,
                          human_refinement: str) -> TestSummary:
         """Raises INVALID_ARGUMENT with the reason; returns the test results to store."""
-        check_text("feedback", feedback, MAX_FEEDBACK_CHARS)
+        check_text("feedback", feedback, self.max_feedback_chars)
         check_text("annotator_id", annotator_id, MAX_ANNOTATOR_CHARS)
-        check_text("program", program, MAX_PROGRAM_CHARS)
-        check_text("human_refinement", human_refinement, MAX_PROGRAM_CHARS, required=False)
+        check_text("program", program, self.max_program_chars)
+        check_text("human_refinement", human_refinement, self.max_program_chars, required=False)
         # Program and refinement run at the same time.
         program_call = self._run_async(task, program)
         refinement_call = self._run_async(task, human_refinement) if human_refinement.strip() else None

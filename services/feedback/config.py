@@ -16,4 +16,7 @@ class FeedbackConfig(Section):
     lease_s: float = setting("ILF_FEEDBACK_LEASE_S")
     execution_addr: str = setting("ILF_EXECUTION_ADDR")
     generation_addr: str = setting("ILF_GENERATION_ADDR")
+    max_feedback_chars: int = setting("ILF_MAX_FEEDBACK_CHARS")
+    max_program_chars: int = setting("ILF_MAX_PROGRAM_CHARS")
+    accept_test_split: bool = setting("ILF_FEEDBACK_ACCEPT_TEST_SPLIT")
     server: ServerConfig = nested(ServerConfig)

@@ -22,7 +22,7 @@ from services.feedback import metrics
 SCHEMA_VERSION = 1
 RECORDS_PREFIX = "feedback/records/"
 AUTHOR_KINDS = ("human", "model")
-_RECORD_ID = re.compile(r"^[0-9a-f]{24}$")
+_RECORD_ID = re.compile(r"[0-9a-f]{24}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class FeedbackStore:
         return record, True
 
     def get(self, record_id: str) -> FeedbackRecord:
-        if not _RECORD_ID.match(record_id):
+        if not _RECORD_ID.fullmatch(record_id):
             raise InvalidArgument(f"{record_id!r} is not a feedback record id (24 hex digits)")
         with self._lock:
             cached = self._cache.get(record_id)

@@ -165,8 +165,11 @@ def build_server(port: int | None = None, store: ArtifactStore | None = None,
     settings = settings or FeedbackConfig.from_env()
     service = FeedbackService(
         FeedbackStore(store or open_store()),
-        FeedbackChecks(execution_pb2_grpc.ExecutionStub(channel(settings.execution_addr))),
-        FeedbackWriter(generation_pb2_grpc.GenerationStub(channel(settings.generation_addr))))
+        FeedbackChecks(execution_pb2_grpc.ExecutionStub(channel(settings.execution_addr)),
+                       max_feedback_chars=settings.max_feedback_chars, max_program_chars=settings.max_program_chars),
+        FeedbackWriter(generation_pb2_grpc.GenerationStub(channel(settings.generation_addr)),
+                       max_feedback_chars=settings.max_feedback_chars),
+        accept_test_split=settings.accept_test_split)
     return Server(FeedbackGrpcService(service, settings), settings, port)
 
 

@@ -14,8 +14,10 @@ from services.feedback.writer import FeedbackWriter, feedback_prompt
 
 
 class FeedbackService:
-    def __init__(self, records: FeedbackStore, checks: FeedbackChecks, writer: FeedbackWriter):
+    def __init__(self, records: FeedbackStore, checks: FeedbackChecks, writer: FeedbackWriter, *,
+                 accept_test_split: bool = False):
         self.records = records
+        self.accept_test_split = accept_test_split
         self.checks = checks
         self.writer = writer
         self.task_sets = tasksets.TaskSets(records.store)
@@ -28,6 +30,11 @@ class FeedbackService:
         """A person's feedback, stored once it passes the checks; resubmitting it returns the stored record."""
         tasks = self.task_sets.get(task_set)
         task = tasks.task(task_id)
+        if task.split == "test" and not self.accept_test_split:
+            raise FailedPrecondition(
+                f"task {task_id} of {tasks.name} is in the test split: no round trains on it, and feedback there "
+                "would leak held-out tasks into training; give feedback on a train task, or set "
+                "ILF_FEEDBACK_ACCEPT_TEST_SPLIT=true to store it anyway")
         tests = self.checks.check_submission(task, program, feedback, annotator_id, human_refinement)
         record, _ = self.records.add(new_record(
             task_id=task_id, program=program, feedback=feedback.strip(), author_kind="human", source=source,

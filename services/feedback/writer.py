@@ -7,7 +7,6 @@ from ilf import data, prompts
 from ilf.errors import FailedPrecondition, InvalidArgument, upstream_error
 from ilf.tasksets import Task
 from ilf.v1 import common_pb2, execution_pb2, generation_pb2, generation_pb2_grpc
-from services.feedback.checks import MAX_FEEDBACK_CHARS
 
 GENERATION_CALL_S = 600.0
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -55,8 +54,9 @@ def feedback_prompt(task: Task, program: str, result: execution_pb2.ExecuteRespo
 class FeedbackWriter:
     """Asks the generation service for feedback on a failing program."""
 
-    def __init__(self, generation: generation_pb2_grpc.GenerationStub):
+    def __init__(self, generation: generation_pb2_grpc.GenerationStub, *, max_feedback_chars: int):
         self.generation = generation
+        self.max_feedback_chars = max_feedback_chars   # longer model-written feedback is cut there
 
     def write(self, prompt: str, params: common_pb2.SamplingParams, model_version: str = "") -> tuple[str, str]:
         """Returns (feedback, the model version that wrote it); one sample whatever params.n says."""
@@ -72,7 +72,7 @@ class FeedbackWriter:
                 timeout=GENERATION_CALL_S)
         except grpc.RpcError as error:
             raise upstream_error("generation", error) from None
-        feedback = reply.completions[0].text.strip()[:MAX_FEEDBACK_CHARS]
+        feedback = reply.completions[0].text.strip()[:self.max_feedback_chars]
         if not feedback:
             raise FailedPrecondition(f"model {reply.model_version} wrote no feedback (only whitespace)")
         return feedback, reply.model_version

@@ -27,7 +27,7 @@ from ilf import config
 from ilf.auth import TokenFile
 from ilf.errors import FailedPrecondition, IlfError, InvalidArgument, NotFound
 from ilf.v1 import common_pb2
-from services.feedback.checks import MAX_PROGRAM_CHARS, check_text
+from services.feedback.checks import check_text
 from services.feedback.collect import per_test_results
 from services.feedback.queue import ANSWERED, LEASED
 from services.feedback.service import FeedbackService
@@ -112,7 +112,7 @@ class AnnotationPage:
         ]
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard], client_max_size=4 * MAX_PROGRAM_CHARS)
+        app = web.Application(middlewares=[self._guard], client_max_size=4 * self.service.checks.max_program_chars)
         self._roles = {app.router.add_route(r.method, r.path, r.handler): r.role for r in self.routes}
         self._roles.update((route, None) for route in app.router.add_static("/static/", HERE / "static"))
         return app
@@ -290,7 +290,7 @@ class AnnotationPage:
         if not isinstance(program, str):
             raise JsonError(400, "program must be a string")
         try:
-            check_text("program", program, MAX_PROGRAM_CHARS)
+            check_text("program", program, self.service.checks.max_program_chars)
             item, _ = await self._call(self.service.queue.get, request.match_info["item_id"])
             task = (await self._call(self.service.task_sets.get, item.task_set)).task(item.task_id)
             [result] = await self._call(self.service.checks.run_each, [(task, program)])
