@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "policy/retraining.json"
 ATTEMPTS_PREFIX = "policy/attempts/"
-FRESH = {"last_round_started_at": 0.0, "round_id": "", "running": None, "retry_after": 0.0, "failures": 0}
+FRESH = {"last_round_started_at": 0.0, "round_id": "", "running": None, "retry_after": 0.0, "failures": 0,
+         "min_new_feedback": None}
 
 # On the process's /metrics (ILF_METRICS_PORT), so an operator sees failing rounds without reading logs.
 ROUNDS = Counter("ilf_retrain_rounds", "Rounds the retraining policy started, by how they ended.", ["status"])
@@ -56,6 +57,9 @@ def policy_state(store: ArtifactStore) -> dict:
 
 
 def _save(store: ArtifactStore, state: dict) -> dict:
+    # The threshold stays in every state written, so the annotation page can say how many records are still due.
+    if state.get("min_new_feedback") is None:
+        state = {**state, "min_new_feedback": policy_state(store)["min_new_feedback"]}
     store.put_json(STATE_KEY, state, overwrite=True)
     return state
 
@@ -132,7 +136,7 @@ def retrain_when_due(settings: RoundSettings, clients: Clients, store: ArtifactS
     max_wait_seconds without one.
     """
     reports, idle_since = [], time.monotonic()
-    state = recover(store, retry_seconds)
+    state = _save(store, {**recover(store, retry_seconds), "min_new_feedback": min_new_feedback})
     while len(reports) < max_rounds:
         try:
             count = new_feedback_count(clients, state["last_round_started_at"], settings.task_set,

@@ -169,6 +169,7 @@ def test_retraining_policy_starts_a_round_when_enough_new_feedback_arrived(syste
     # the 128 imported MBPP_Train records are due once; afterwards nothing new arrives and it stops
     assert len(reports) == 1
     assert store.get_json(STATE_KEY)["round_id"] == reports[0]["round_id"]
+    assert store.get_json(STATE_KEY)["min_new_feedback"] == 128   # what the annotation page says is still due
     assert new_feedback_count(clients, store.get_json(STATE_KEY)["last_round_started_at"]) == 0
 
 
