@@ -66,28 +66,62 @@ def evaluation_tasks(task_set: TaskSet, settings: RoundSettings) -> list[Task]:
     return tasks
 
 
-def evaluate(clients: Clients, tasks: list[Task], settings: RoundSettings, model_version: str = "",
-             label: str = "evaluate") -> Evaluation:
-    """pass@k of a model version on tasks, with per-task seeds shared by every evaluated version."""
+@dataclass(frozen=True)
+class Prompted:
+    """One request for samples: the model continues `prompt`, and each program is `prefix` plus the sample
+    cut where the program ends (for generation both are the task's prompt; a refinement's prefix is the
+    generation prompt at the end of its refinement prompt)."""
+    key: str
+    task: Task
+    prompt: str
+    prefix: str
+    seed: int
+
+
+def sample_programs(clients: Clients, requests: list[Prompted], n: int, temperature: float, max_new_tokens: int,
+                    concurrency: int, model_version: str = "", label: str = "sample"):
+    """n programs per request ("key:i" -> (program, task)), and the one model version that wrote them."""
     programs, served_by = {}, set()
 
-    def generate(task):
+    def generate(request: Prompted):
         return clients.generation.Generate(generation_pb2.GenerateRequest(
-            prompt=prompts.task_prompt(task), model_version=model_version,
-            params=sampling_params(settings.eval_samples, settings.eval_temperature, settings.max_new_tokens,
-                           settings.seed + task.task_id)), timeout=LONG_CALL_S)
-    for task, reply in concurrently(generate, tasks, settings.concurrency, label):
+            prompt=request.prompt, model_version=model_version,
+            params=sampling_params(n, temperature, max_new_tokens, request.seed)), timeout=LONG_CALL_S)
+    for request, reply in concurrently(generate, requests, concurrency, label):
         served_by.add(reply.model_version)
         for i, completion in enumerate(reply.completions):
-            programs[f"{task.task_id}:{i}"] = (prompts.task_prompt(task) + prompts.truncate_completion(completion.text),
-                                               task)
-    if len(served_by) != 1:
-        raise RoundFailed(f"the evaluation was served by several model versions: {sorted(served_by)}")
-    verdicts = execute(clients, programs, settings.timeout_s)
-    results = {t.task_id: (settings.eval_samples,
-                           sum(verdicts[f"{t.task_id}:{i}"] for i in range(settings.eval_samples))) for t in tasks}
-    evaluation = Evaluation(model_version=served_by.pop(), results=results)
-    for k in settings.ks:
+            programs[f"{request.key}:{i}"] = (request.prefix + prompts.truncate_completion(completion.text),
+                                              request.task)
+    if len(served_by) > 1:
+        raise RoundFailed(f"the samples were written by several model versions: {sorted(served_by)}")
+    return programs, served_by.pop() if served_by else model_version
+
+
+def per_task_results(outcomes) -> dict[int, tuple[int, int]]:
+    """(task id, passed) pairs -> task id -> (samples, passing samples)."""
+    results: dict[int, tuple[int, int]] = {}
+    for task_id, passed in outcomes:
+        n, c = results.get(task_id, (0, 0))
+        results[task_id] = (n + 1, c + int(passed))
+    return results
+
+
+def scored(model_version: str, results: dict[int, tuple[int, int]], ks: list[int]) -> Evaluation:
+    """pass@k with bootstrap 95% intervals over tasks, for every k that the samples per task allow."""
+    evaluation = Evaluation(model_version=model_version, results=results)
+    for k in ks:
         evaluation.pass_at[k] = passk.mean_pass_at_k(results, k)
         evaluation.intervals[k] = passk.bootstrap_interval(results, k)
     return evaluation
+
+
+def evaluate(clients: Clients, tasks: list[Task], settings: RoundSettings, model_version: str = "",
+             label: str = "evaluate") -> Evaluation:
+    """pass@k of a model version on tasks, with per-task seeds shared by every evaluated version."""
+    requests = [Prompted(str(t.task_id), t, prompts.task_prompt(t), prompts.task_prompt(t), settings.seed + t.task_id)
+                for t in tasks]
+    programs, version = sample_programs(clients, requests, settings.eval_samples, settings.eval_temperature,
+                                        settings.max_new_tokens, settings.concurrency, model_version, label)
+    verdicts = execute(clients, programs, settings.timeout_s)
+    return scored(version, per_task_results((task.task_id, verdicts[rid]) for rid, (_, task) in programs.items()),
+                  settings.ks)

@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import io
+import json
 
+
+def publish(store, prefix: str, report: dict, png: bytes) -> None:
+    """A report's results.json, its results.md (report["markdown"]) and results.png under prefix, replacing
+    earlier ones, so a run that writes after every step keeps what it finished if it is interrupted."""
+    report["artifacts"] = prefix
+    store.put(f"{prefix}/results.json", json.dumps(report, indent=2).encode(), overwrite=True)
+    store.put(f"{prefix}/results.md", report["markdown"].encode(), overwrite=True)
+    store.put(f"{prefix}/results.png", png, overwrite=True)
 
 
 def summary(evaluation, *, solved_tasks: bool = False) -> dict:

@@ -1,36 +1,54 @@
-"""The paper's Table 4 on one base model, end to end through the services.
+"""The paper's Table 4 on one base model, end to end through the services, and what the paper did not ask.
 
-Methods: zero-shot; fine-tuned on MBPP gold programs; fine-tuned on human refinements; ILF
-(pi_Refine trained on MBPP_Refine, refinements of MBPP_Train failures with human feedback, test
-filter, fine-tune); ILF with model-written feedback. Every method is evaluated on the same MBPP_Test
-tasks with the same seeds; candidates are loaded next to the serving model, never promoted.
+Methods: zero-shot; fine-tuned on MBPP gold programs; fine-tuned on human refinements; ILF (pi_Refine trained
+on MBPP_Refine, refinements of MBPP_Train failures with human feedback, test filter, fine-tune); ILF with
+model-written feedback; rejection-sampling fine-tuning (the model's own passing samples on ILF's tasks with
+ILF's sampling budget: is feedback worth more than samples?); and further ILF rounds in which the model's own
+failures get model-written feedback through the annotation queue. Every method is evaluated on the same
+MBPP_Test tasks with the same seeds; candidates are loaded next to the serving model, never promoted, and
+nothing is chosen on MBPP_Test.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 import time
 
 import grpc
 from tqdm import tqdm
 
-from ilf import data, datasets, tasksets
+from ilf import data, tasksets
 from ilf.store import ArtifactStore
-from ilf.v1 import common_pb2, feedback_pb2, generation_pb2
+from ilf.v1 import feedback_pb2, generation_pb2
 from loop.clients import Clients
-from loop.evaluation import LONG_CALL_S, evaluate, evaluation_tasks
-from loop.report import chart, ks_of, markdown_table as results_table, summary
-from loop.round import (FeedbackItem, baseline_records, refine_and_filter, train, train_refiner,
-                        training_feedback)
+from loop.evaluation import evaluate, evaluation_tasks
+from loop.methods import (FEEDBACK_SHOTS, fine_tune, ilf_round_on_own_failures, model_feedback_params,
+                          rejection_sampling_records)
+from loop.report import chart, ks_of, markdown_table as results_table, publish, summary
+from loop.round import FeedbackItem, baseline_records, refine_and_filter, train_refiner, training_feedback
 from loop.settings import RoundSettings
 
-METHODS = ("zero-shot", "gold", "human", "ilf", "ilf-model-feedback")
+METHODS = ("zero-shot", "gold", "human", "ilf", "ilf-model-feedback", "rejection-sampling", "ilf-rounds")
 PAPER = {"zero-shot": (0.26, 0.59), "gold": (0.22, 0.63), "human": (0.33, 0.68), "ilf": (0.36, 0.68),
          "ilf-model-feedback": (0.25, 0.59)}  # pass@1, pass@10 (model feedback: 2-shot InstructGPT)
 LABELS = {"zero-shot": "zero-shot", "gold": "fine-tuned on MBPP gold programs",
           "human": "fine-tuned on human refinements", "ilf": "ILF (human feedback)",
-          "ilf-model-feedback": "ILF (model-written feedback)"}
+          "ilf-model-feedback": "ILF (model-written feedback)",
+          "rejection-sampling": "fine-tuned on its own passing samples (rejection sampling)"}
+ROUNDS = 2  # ILF rounds after the first, on the model's own failures
+
+# `ilf reproduce`'s defaults: the paper's sampling budget (30 refinements per annotated task at T=0.8 on all
+# 128 MBPP_Train tasks; evaluation at T=0.8 on all 100 MBPP_Test tasks) with 10 evaluation samples per task
+# instead of 30, so the whole comparison fits in 2 hours on 2 CPU cores (README, "The paper's comparison");
+# --paper evaluates 30. The rounds collect one failing program per task for the model to write feedback on.
+DEFAULTS = {"eval_tasks": 0, "eval_samples": 10, "eval_temperature": 0.8, "train_tasks": 0, "refine_samples": 30,
+            "refine_temperature": 0.8, "collect_samples": 1, "collect_temperature": 0.8}
+
+
+def label(method: str) -> str:
+    if method.startswith("ilf-round-"):
+        return f"ILF round {method.removeprefix('ilf-round-')} (model-written feedback on its own failures)"
+    return LABELS[method]
 
 
 def model_feedback_items(clients: Clients, notes: list[data.Annotation], settings: RoundSettings):
@@ -42,9 +60,8 @@ def model_feedback_items(clients: Clients, notes: list[data.Annotation], setting
     for note in tqdm(notes, desc="model feedback", unit="task"):
         try:
             record = clients.feedback.GenerateFeedback(feedback_pb2.GenerateFeedbackRequest(
-                task_id=note.task_id, program=note.failing_program, shots=2,
-                params=common_pb2.SamplingParams(temperature=0.0, max_new_tokens=128, seed=settings.seed)),
-                timeout=1800)
+                task_id=note.task_id, program=note.failing_program, shots=FEEDBACK_SHOTS,
+                params=model_feedback_params(settings)), timeout=1800)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.FAILED_PRECONDITION:  # the model wrote only whitespace
                 raise
@@ -55,7 +72,7 @@ def model_feedback_items(clients: Clients, notes: list[data.Annotation], setting
 
 
 def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
-              methods: tuple[str, ...] = METHODS) -> dict:
+              methods: tuple[str, ...] = METHODS, rounds: int = ROUNDS) -> dict:
     started = time.monotonic()
     tag = f"reproduce-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
     # The paper's comparison: MBPP, and for ILF the paper's annotations of CodeGen's programs.
@@ -64,17 +81,25 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
     tasks = evaluation_tasks(mbpp, settings)
     notes = data.annotations("train")[: settings.train_tasks or None]
     base = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
+    requested = [m for m in methods if m != "ilf-rounds"] + (
+        [f"ilf-round-{2 + r}" for r in range(rounds)] if "ilf-rounds" in methods else [])
     report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base,
-              "eval_task_ids": [t.task_id for t in tasks], "methods_requested": list(methods), "methods": {}}
-    refiner = None
+              "eval_task_ids": [t.task_id for t in tasks], "methods_requested": requested, "methods": {}}
+    refiner, trained = None, {}
     prefix = f"reports/{tag}"
     for method in tqdm(methods, desc="methods", unit="method"):
+        if method == "ilf-rounds":
+            _rounds(report, settings, clients, store, tasks, trained.get("ilf", base), rounds, prefix, started)
+            continue
         row: dict = {}
         if method == "zero-shot":
             evaluation = evaluate(clients, tasks, settings, base, label="evaluate zero-shot")
         else:
             if method in ("gold", "human"):
                 records, row["data"] = baseline_records(dataclasses.replace(settings, train_on=method), clients, mbpp)
+            elif method == "rejection-sampling":
+                records, row["data"] = rejection_sampling_records(clients, [mbpp.task(n.task_id) for n in notes],
+                                                                  settings, base)
             else:
                 refiner = report["refiner"] = refiner or train_refiner(clients, store, settings, tag)
                 items, silent = (training_feedback(clients, store, settings, base)[0], 0) if method == "ilf" \
@@ -86,12 +111,10 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
                 report["methods"][method] = row
                 _publish(report, store, prefix, started)
                 continue
-            dataset = datasets.put_dataset(store, records, name=f"{tag}-{method}")
-            run = train(clients, dataset, base, settings)
-            clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=run.output_model_version),
-                                         timeout=LONG_CALL_S)
+            row["dataset"], run = fine_tune(clients, store, records, f"{tag}-{method}", base, settings)
+            trained[method] = run.output_model_version
             evaluation = evaluate(clients, tasks, settings, run.output_model_version, label=f"evaluate {method}")
-            row.update(dataset=dataset, run_id=run.run_id, final_loss=run.progress.loss)
+            row.update(run_id=run.run_id, final_loss=run.progress.loss)
         row.update(summary(evaluation))
         report["methods"][method] = row
         _publish(report, store, prefix, started)
@@ -100,42 +123,73 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
     return report
 
 
+def _rounds(report: dict, settings: RoundSettings, clients: Clients, store: ArtifactStore, tasks: list,
+            start: str, rounds: int, prefix: str, started: float) -> None:
+    """Rounds 2, 3, ... from ILF's model (the base model when ILF trained nothing), each evaluated like every
+    method; they stop at the first round that has nothing to train on."""
+    model = start
+    for number in range(2, 2 + rounds):
+        method = f"ilf-round-{number}"
+        if not model:
+            report["methods"][method] = {"outcome": "not run: the previous round trained nothing"}
+            continue
+        row, model = ilf_round_on_own_failures(clients, store, settings, model, f"{report['id']}-{method}")
+        if model:
+            row.update(summary(evaluate(clients, tasks, settings, model, label=f"evaluate {method}")))
+        report["methods"][method] = row
+        _publish(report, store, prefix, started)
+
+
 def _publish(report: dict, store: ArtifactStore, prefix: str, started: float) -> None:
     """Writes the results so far, so an interrupted run keeps every method it finished."""
     report.setdefault("complete", False)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     report["markdown"] = markdown_table(report)
-    report["artifacts"] = prefix
-    store.put(f"{prefix}/results.json", json.dumps(report, indent=2).encode(), overwrite=True)
-    store.put(f"{prefix}/results.md", report["markdown"].encode(), overwrite=True)
-    store.put(f"{prefix}/results.png", bar_chart(report), overwrite=True)
+    publish(store, prefix, report, bar_chart(report))
     tqdm.write(f"results so far ({len(report['methods'])} of {len(report['methods_requested'])} methods): "
                f"{store.url}/{prefix}/results.md")
 
 
+def _data_cell(row: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in row.get("data", {}).items() if k != "refinement_model")
+
+
 def markdown_table(report: dict) -> str:
     s = report["settings"]
-    rows = {LABELS[method]: {**row, "method": method} for method, row in report["methods"].items()}
+    rows = {label(method): {**row, "method": method} for method, row in report["methods"].items()}
     lines = results_table("method", rows, ks_of(rows), {
-        "paper pass@1 / pass@10": lambda row: "{:.2f} / {:.2f}".format(*PAPER[row["method"]]),
-        "training data": lambda row: ", ".join(f"{k} {v}" for k, v in row.get("data", {}).items()
-                                               if k != "refinement_model")})
+        "paper pass@1 / pass@10": lambda row: "{:.2f} / {:.2f}".format(*PAPER[row["method"]])
+        if row["method"] in PAPER else "",
+        "training data": _data_cell})
     lines += ["", f"Base model `{report['base_model_version']}`; {len(report['eval_task_ids'])} "
                   f"{tasksets.mbpp().split_label(s['eval_split'])} tasks, "
                   f"{s['eval_samples']} sample(s) per task at temperature {s['eval_temperature']}, "
                   f"max {s['max_new_tokens']} new tokens, seeds from {s['seed']}; "
-                  f"{s['train_tasks'] or 128} annotated MBPP_Train tasks, {s['refine_samples']} refinement(s) each; "
+                  f"{s['train_tasks'] or 128} annotated MBPP_Train tasks, {s['refine_samples']} refinement(s) "
+                  f"(rejection sampling: samples) each at temperature {s['refine_temperature']}; "
                   f"fine-tuning method {s['method']}. 95% intervals: bootstrap over tasks. Wall time "
                   f"{report['wall_seconds']:.0f} s."]
     if not report.get("complete", True):
         lines.append(f"Partial: {len(report['methods'])} of {len(report['methods_requested'])} methods done so far.")
     if "refiner" in report:
         lines.append(f"pi_Refine: `{report['refiner']['model_version']}` trained on "
-                     f"{report['refiner']['examples']} MBPP_Refine triples.")
+                     f"{report['refiner']['examples']} MBPP_Refine triples (LoRA rank {s['refiner_lora_rank']}, "
+                     f"lr {s['refiner_learning_rate']:g}, {s['refiner_epochs']} epochs of batch "
+                     f"{s['refiner_batch_size']}).")
+    per_round = [(0, "zero-shot"), (1, "ilf")] + [(int(m.removeprefix("ilf-round-")), m) for m in report["methods"]
+                                                  if m.startswith("ilf-round-")]
+    if len(per_round) > 2:
+        lines.append("pass@1 per round (0: zero-shot, 1: ILF with human feedback, then model-written feedback on "
+                     f"the model's own failures, {s['collect_samples']} collected sample(s) per task): " + " -> ".join(
+                         f"{n}: {_pass1(report['methods'].get(m, {}))}" for n, m in per_round))
     return "\n".join(lines) + "\n"
 
 
+def _pass1(row: dict) -> str:
+    return f"{row['pass_at']['1']:.3f}" if "pass_at" in row else "not trained"
+
+
 def bar_chart(report: dict) -> bytes:
-    rows = {LABELS[method]: row for method, row in report["methods"].items()}
+    rows = {label(method): row for method, row in report["methods"].items()}
     return chart(rows, f"ILF comparison on {report['base_model_version']}",
                  tasksets.mbpp().split_label(report["settings"]["eval_split"]))

@@ -93,13 +93,18 @@ def collect_failures(clients: Clients, settings: RoundSettings, model_version: s
         timeout=LONG_CALL_S)
 
 
-def refine_and_filter(clients: Clients, task_set: tasksets.TaskSet, items: list[FeedbackItem],
-                      settings: RoundSettings):
-    """Asks pi_Refine for refinements of each failing program given its feedback; keeps passing ones.
+@dataclass(frozen=True)
+class Refinement:
+    item: FeedbackItem
+    program: str
+    passed: bool
 
-    Returns (one passing refinement per feedback record as training records, statistics).
-    """
-    programs, sources, refine_version = {}, {}, ""
+
+def refine_and_execute(clients: Clients, task_set: tasksets.TaskSet, items: list[FeedbackItem],
+                       settings: RoundSettings) -> tuple[list[Refinement], str]:
+    """settings.refine_samples refinements of each failing program given its feedback, from the refinement
+    service's pi_Refine, each with its verdict; and pi_Refine's version."""
+    refined, refine_version = [], ""
 
     def refine(item):
         return clients.refinement.Refine(refinement_pb2.RefineRequest(
@@ -107,25 +112,34 @@ def refine_and_filter(clients: Clients, task_set: tasksets.TaskSet, items: list[
             feedback=item.feedback, params=sampling_params(settings.refine_samples, settings.refine_temperature,
                                                            settings.max_new_tokens * 2, settings.seed + item.task_id)),
             timeout=LONG_CALL_S)
-    for n, (item, reply) in enumerate(concurrently(refine, items, settings.concurrency, "refine")):
+    for item, reply in concurrently(refine, items, settings.concurrency, "refine"):
         refine_version = reply.model_version
-        for i, refinement in enumerate(reply.refinements):
-            programs[f"{n}:{i}"] = (refinement.program, task_set.task(item.task_id))
-            sources[f"{n}:{i}"] = item.record_id
+        refined += [(item, refinement.program) for refinement in reply.refinements]
+    programs = {str(i): (program, task_set.task(item.task_id)) for i, (item, program) in enumerate(refined)}
     verdicts = execute(clients, programs, settings.timeout_s) if programs else {}
+    return [Refinement(item, program, verdicts[str(i)]) for i, (item, program) in enumerate(refined)], refine_version
+
+
+def refine_and_filter(clients: Clients, task_set: tasksets.TaskSet, items: list[FeedbackItem],
+                      settings: RoundSettings):
+    """Asks pi_Refine for refinements of each failing program given its feedback; keeps passing ones.
+
+    Returns (one passing refinement per feedback record as training records, statistics).
+    """
+    refinements, refine_version = refine_and_execute(clients, task_set, items, settings)
     records, passing_per_task = {}, {}
-    for rid, (program, task) in sorted(programs.items()):
-        passing_per_task[task.task_id] = passing_per_task.get(task.task_id, 0) + verdicts[rid]
-        if verdicts[rid] and sources[rid] not in records:
-            records[sources[rid]] = {**_record(task, program, "refinement", refine_version),
-                                     "feedback_record": sources[rid]}
+    for r in refinements:
+        passing_per_task[r.item.task_id] = passing_per_task.get(r.item.task_id, 0) + r.passed
+        if r.passed and r.item.record_id not in records:
+            records[r.item.record_id] = {**training_pair(task_set.task(r.item.task_id), r.program, "refinement",
+                                                   refine_version), "feedback_record": r.item.record_id}
     stats = {"refinement_model": refine_version, "tasks": len({i.task_id for i in items}),
-             "refinements": len(programs), "passing_refinements": int(sum(verdicts.values())),
+             "refinements": len(refinements), "passing_refinements": sum(r.passed for r in refinements),
              "tasks_with_passing_refinement": sum(1 for c in passing_per_task.values() if c)}
     return list(records.values()), stats
 
 
-def _record(task: tasksets.Task, program: str, source: str, producer: str = "") -> dict:
+def training_pair(task: tasksets.Task, program: str, source: str, producer: str = "") -> dict:
     """A fine-tuning pair for pi_theta: the task's generation prompt and the body that follows it."""
     prompt = prompts.task_prompt(task)
     return {"task_id": task.task_id, "prompt": prompt, "completion": prompts.completion_after(program, prompt),
@@ -145,7 +159,8 @@ def refiner_records(annotations: list[data.Annotation]) -> list[dict]:
     """pi_Refine training pairs (paper: the 44 MBPP_Refine triples): refinement prompt -> human refinement."""
     records = []
     for note in annotations:
-        pair = _record(tasksets.mbpp().task(note.task_id), _human_program(note), "human-refinement", note.annotator)
+        pair = training_pair(tasksets.mbpp().task(note.task_id), _human_program(note), "human-refinement",
+                             note.annotator)
         pair["prompt"] = prompts.refinement_prompt(note.failing_program, note.feedback, pair["prompt"])
         records.append(pair)
     return records
@@ -160,7 +175,7 @@ def human_refinement_records(clients: Clients, task_set: tasksets.TaskSet, items
     programs = {item.record_id: (item.human_refinement, task_set.task(item.task_id)) for item in items
                 if item.human_refinement.startswith(prompts.task_prompt(task_set.task(item.task_id)))}
     verdicts = execute(clients, programs, settings.timeout_s) if programs else {}
-    return [{**_record(task, program, "human-refinement"), "feedback_record": rid}
+    return [{**training_pair(task, program, "human-refinement"), "feedback_record": rid}
             for rid, (program, task) in programs.items() if verdicts[rid]]
 
 
@@ -196,7 +211,8 @@ def baseline_records(settings: RoundSettings, clients: Clients, task_set: taskse
         programs = {str(t.task_id): (prompts.reference_program(t), t) for t in tasks}
     # Only programs that pass their tests are trained on, whoever wrote them.
     verdicts = execute(clients, programs, settings.timeout_s) if programs else {}
-    records = [_record(task, program, settings.train_on) for rid, (program, task) in programs.items() if verdicts[rid]]
+    records = [training_pair(task, program, settings.train_on) for rid, (program, task) in programs.items()
+               if verdicts[rid]]
     return records, {"tasks": len(tasks), "records": len(records), "dropped_failing": len(programs) - len(records)}
 
 
@@ -212,9 +228,7 @@ def train(clients: Clients, dataset: str, base_version: str, settings: RoundSett
     """Submits a fine-tuning run and follows it to its end, with a progress bar."""
     run = clients.training.SubmitRun(training_pb2.SubmitRunRequest(
         dataset=dataset, base_model_version=base_version, purpose=purpose,
-        hyperparameters=training_pb2.Hyperparameters(
-            method=settings.method, learning_rate=settings.learning_rate, epochs=settings.epochs,
-            batch_size=settings.batch_size, seed=settings.seed)), timeout=60)
+        hyperparameters=training_pb2.Hyperparameters(**settings.hyperparameters(purpose))), timeout=60)
     bar = tqdm(desc=f"train {purpose} ({run.run_id})", unit="step")
     try:
         run = _follow_run(clients, run, bar)

@@ -16,6 +16,8 @@ FEEDBACK_POLICIES = ("newest", "all", "paper")
 # Whose feedback counts: human only, or model-written feedback too (for systems without annotators).
 FEEDBACK_AUTHORS = ("human", "any")
 EVALUATION_SPLITS = ("test", "dev")
+# pi_Refine's fine-tuning on the 44 MBPP_Refine triples, chosen by `ilf refiner-sweep` on MBPP_Train.
+REFINER_DEFAULTS = {"learning_rate": 2e-4, "epochs": 2, "batch_size": 32, "lora_rank": 16}
 
 
 @dataclass
@@ -38,6 +40,13 @@ class RoundSettings:
     learning_rate: float = 0.0       # 0: the training service's default for the method
     epochs: int = 0
     batch_size: int = 0
+    lora_rank: int = 0               # 0: the training service's default (16)
+    # pi_Refine's own fine-tuning, chosen by `ilf refiner-sweep` on MBPP_Train (README, "Training pi_Refine")
+    refiner_method: str = "lora"
+    refiner_learning_rate: float = REFINER_DEFAULTS["learning_rate"]
+    refiner_epochs: int = REFINER_DEFAULTS["epochs"]
+    refiner_batch_size: int = REFINER_DEFAULTS["batch_size"]
+    refiner_lora_rank: int = REFINER_DEFAULTS["lora_rank"]
     seed: int = 1234
     timeout_s: float = 3.0           # per program, as in the paper
     switch: bool = True
@@ -55,6 +64,15 @@ class RoundSettings:
             raise ValueError(f"feedback must be one of {FEEDBACK_POLICIES}")
         if self.feedback_authors not in FEEDBACK_AUTHORS:
             raise ValueError(f"feedback_authors must be one of {FEEDBACK_AUTHORS}")
+
+    def hyperparameters(self, purpose: str = "generation") -> dict:
+        """The training run's hyperparameters: pi_Refine (purpose "refinement") has its own."""
+        if purpose == "refinement":
+            return {"method": self.refiner_method, "learning_rate": self.refiner_learning_rate,
+                    "epochs": self.refiner_epochs, "batch_size": self.refiner_batch_size,
+                    "lora_rank": self.refiner_lora_rank, "seed": self.seed}
+        return {"method": self.method, "learning_rate": self.learning_rate, "epochs": self.epochs,
+                "batch_size": self.batch_size, "lora_rank": self.lora_rank, "seed": self.seed}
 
     @property
     def ks(self) -> list[int]:
