@@ -137,9 +137,11 @@ def test_reproduce_compares_every_method_on_the_same_tasks_without_promoting(sys
     _, store, clients = system
     serving = serving_version(clients)
     history = ResultsHistory(store)
-    report = reproduce(RoundSettings(**SMALL), clients, history)
+    # the paper's five methods (issue 20's rejection sampling and later rounds are not run here)
+    methods = METHODS[:5]
+    report = reproduce(RoundSettings(**SMALL), clients, history, methods)
     rows = report["methods"]
-    assert list(rows) == list(METHODS)
+    assert list(rows) == list(methods)
     assert rows["zero-shot"]["model_version"] == serving == serving_version(clients)
     trained = {rows[m]["model_version"] for m in ("gold", "human")}
     assert len(trained) == 2 and serving not in trained
@@ -154,9 +156,9 @@ def test_reproduce_compares_every_method_on_the_same_tasks_without_promoting(sys
     assert store.get(f"{report['artifacts']}/results.png")[:4] == b"\x89PNG"
     assert json.loads(store.get(f"{report['artifacts']}/results.json"))["methods"].keys() == rows.keys()
     # results are published after every method, so an interrupted run keeps what it finished
-    assert [list(v["methods"]) for v in history.versions[:len(METHODS)]] == [
-        list(METHODS[:i + 1]) for i in range(len(METHODS))]
-    assert [v["complete"] for v in history.versions] == [False] * len(METHODS) + [True]
+    assert [list(v["methods"]) for v in history.versions[:len(methods)]] == [
+        list(methods[:i + 1]) for i in range(len(methods))]
+    assert [v["complete"] for v in history.versions] == [False] * len(methods) + [True]
     assert "Partial: 1 of 5 methods" in history.versions[0]["markdown"]
 
 
