@@ -490,9 +490,10 @@ DASHBOARD = DEPLOY / "monitoring" / "ilf-dashboard.json"
 
 
 def exported_metric_families() -> set[str]:
-    """Every metric family the core and the services define (counter families are named without _total)."""
+    """Every metric family the core, the services and the retraining policy define (counters without _total)."""
     from prometheus_client import REGISTRY
-    for module in ["ilf.metrics", *(f"services.{name}.metrics" for name in service_names() if name != "refinement")]:
+    for module in ["ilf.metrics", "loop.retrain",
+                   *(f"services.{name}.metrics" for name in service_names() if name != "refinement")]:
         importlib.import_module(module)
     return {family.name for family in REGISTRY.collect() if family.name.startswith("ilf_")}
 
