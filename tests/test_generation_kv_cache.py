@@ -33,9 +33,9 @@ def test_rows_of_one_prompt_share_it_and_keep_their_own_tokens():
     for t in range(70):   # past the first capacity: the cache grows and keeps what it had
         step(cache, [t, 1000 + t, 2000 + t])
     keys, values = cache.generated(1, pending=False)
-    assert keys.shape == (3, KV_HEADS, 70, HEAD_DIM)
-    assert keys[:, 0, :, 0].tolist() == [[r * 1000 + t + 1 for t in range(70)] for r in range(3)]
-    assert torch.equal(values[:, 0, :, 0], -(keys[:, 0, :, 0] - 1))
+    assert keys.shape == (3, KV_HEADS, HEAD_DIM, 70) and values.shape == (3, KV_HEADS, 70, HEAD_DIM)
+    assert keys[:, 0, 0, :].tolist() == [[r * 1000 + t + 1 for t in range(70)] for r in range(3)]
+    assert torch.equal(values[:, 0, :, 0], -(keys[:, 0, 0, :] - 1))
     assert cache.generated_mask(torch.float32) is None
 
 
@@ -51,4 +51,4 @@ def test_a_joining_request_masks_the_columns_before_it_and_leaving_rows_free_the
     cache.select_rows([2])
     assert cache.prompts == [second] and cache.groups() == [(second, 0, 1)]
     keys, _ = cache.generated(0, pending=False)
-    assert keys[:, 0, :, 0].tolist() == [[5]] and cache.generated_mask(torch.float32, pending=False) is None
+    assert keys[:, 0, 0, :].tolist() == [[5]] and cache.generated_mask(torch.float32, pending=False) is None

@@ -114,7 +114,7 @@ class Decoder:
         per_kv = self.heads // kv_heads       # query heads sharing one KV head, as transformers' repeat_kv groups them
         q = (queries * self.scale).view(rows, kv_heads, per_kv, head_dim)
         own_keys, own_values = cache.generated(layer)
-        own_scores = q @ own_keys.transpose(-1, -2)                           # [rows, kv, per_kv, columns]
+        own_scores = q @ own_keys                                             # [rows, kv, per_kv, columns]
         if mask is not None:
             own_scores = own_scores + mask
         out = torch.empty_like(q)
@@ -124,7 +124,7 @@ class Decoder:
             grouped = q[begin:end].permute(1, 0, 2, 3).reshape(kv_heads, n * per_kv, head_dim)
             prompt_scores = (grouped @ prompt.keys[layer].transpose(-1, -2)).view(kv_heads, n, per_kv, length)
             scores = torch.cat([prompt_scores, own_scores[begin:end].permute(1, 0, 2, 3)], dim=-1)
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            weights = torch.softmax(scores, dim=-1)   # accumulates in float32 for bf16 too
             from_prompt = weights[..., :length].reshape(kv_heads, n * per_kv, length) @ prompt.values[layer]
             from_own = weights[..., length:].permute(1, 0, 2, 3) @ own_values[begin:end]
             out[begin:end] = from_prompt.view(kv_heads, n, per_kv, head_dim).permute(1, 0, 2, 3) + from_own
