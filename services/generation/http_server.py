@@ -9,21 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
 from aiohttp import web
 
 from ilf.auth import configured_tokens, grants
 from ilf.errors import InvalidArgument, InvalidField
+from ilf.http import BackgroundSite, Handler
 
 from .request import GenerationHandle, TokenEvent
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @dataclass(frozen=True)
 class Route:
@@ -102,39 +99,15 @@ def first_stop(text: str, stop: tuple[str, ...]) -> str | None:
     return min(found)[1] if found else None
 
 
-class HttpServer:
+class HttpServer(BackgroundSite):
     """Runs the protocols' routes on one port, on its own thread and event loop."""
 
     def __init__(self, protocols: list[Protocol], *, host: str, port: int = 0):
-        self.host = host
-        self.port = port
+        # handler_cancellation: a client that disconnects cancels its handler, which cancels the generation
+        super().__init__("generation-http", host=host, port=port, handler_cancellation=True)
         self._tokens = configured_tokens(host)
         self._routes = {(route.method, route.path): (route, protocol)
                         for protocol in protocols for route in protocol.routes()}
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="generation-http", daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        self._started.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=15)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=15)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._listen())
-        self._started.set()
-        self._loop.run_forever()
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler):
@@ -151,14 +124,11 @@ class HttpServer:
                                          f"{caller.name} is a {caller.role}")
         return await handler(request)
 
-    async def _listen(self) -> None:
+    def application(self) -> web.Application:
         app = web.Application(middlewares=[self._authenticate])
         app.add_routes([web.route(route.method, route.path, route.handler) for route, _ in self._routes.values()])
-        # handler_cancellation: a client that disconnects cancels its handler, which cancels the generation
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        return app
+
+    def listening(self) -> None:
         log.info("listening on %s for HTTP (TGI and OpenAI routes; no TLS, auth %s)", self.url,
                  "on" if self._tokens else "off")

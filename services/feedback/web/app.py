@@ -13,11 +13,9 @@ import functools
 import logging
 import secrets
 import ssl
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 from urllib.parse import urlencode
 
 import jinja2
@@ -26,6 +24,7 @@ from aiohttp import web
 from ilf import config
 from ilf.auth import TokenFile
 from ilf.errors import FailedPrecondition, IlfError, InvalidArgument, NotFound
+from ilf.http import BackgroundSite, Handler
 from ilf.v1 import common_pb2
 from services.feedback.checks import check_text
 from services.feedback.collect import per_test_results
@@ -50,9 +49,6 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin", "X-Frame-Options": "DENY",
 }
 COLLECT_DEFAULTS = {"n": 4, "max_tasks": 0, "temperature": 0.8, "max_new_tokens": 128}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @dataclass(frozen=True)
 class Route:
@@ -372,51 +368,26 @@ def ssl_context() -> ssl.SSLContext | None:
     return context
 
 
-class WebServer:
+class WebServer(BackgroundSite):
     """The annotation page on one port, on its own thread and event loop."""
 
     def __init__(self, page: AnnotationPage, *, host: str, port: int = 0):
-        self.page, self.host, self.port = page, host, port
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="feedback-web", daemon=True)
-        self._runner: web.AppRunner | None = None
-        self._error: BaseException | None = None
+        super().__init__("feedback-web", host=host, port=port, ssl_context=page.ssl_context, access_log=None)
+        self.page = page
 
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.page.ssl_context else 'http'}://{host}:{self.port}"
+    def application(self) -> web.Application:
+        return self.page.application()
 
     def start(self) -> None:
-        self._thread.start()
-        self._started.wait(timeout=30)
-        if self._error:
-            raise OSError(f"the annotation page cannot listen on {self.host}:{self.port}: {self._error}")
+        try:
+            super().start()
+        except OSError as error:
+            raise OSError(f"the annotation page {error}") from None
 
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=15)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=15)
+        super().stop()
         self.page.close()
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._listen())
-        except OSError as error:
-            self._error = error
-            self._started.set()
-            return
-        self._started.set()
-        self._loop.run_forever()
-
-    async def _listen(self) -> None:
-        self._runner = web.AppRunner(self.page.application(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.page.ssl_context)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+    def listening(self) -> None:
         log.info("annotation page at %s (auth %s)", self.url, "on" if self.page.sessions.auth_on else
                  "off: anyone who can reach it signs in with a name")
