@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from typing import Callable
 import json
 
 
@@ -37,7 +38,7 @@ def pass_cells(row: dict, ks: list[str]) -> list[str]:
 
 
 def markdown_table(first_header: str, rows: dict[str, dict], ks: list[str],
-                   extra: dict[str, callable] | None = None) -> list[str]:
+                   extra: dict[str, Callable[[dict], str]] | None = None) -> list[str]:
     """Markdown lines: one row per labelled result; `extra` adds columns computed from each row."""
     extra = extra or {}
     lines = [f"| {first_header} | " + " | ".join([f"pass@{k} [95% CI]" for k in ks] + list(extra)) + " |",
