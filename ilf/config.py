@@ -281,7 +281,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "same gradients.", BOOL),
     Setting("ILF_DEVICE", "auto", "torch device for models: auto, cpu or cuda.", choice("auto", "cpu", "cuda")),
     Setting("ILF_DTYPE", "auto", "Model dtype for serving and training: auto (bfloat16 on CUDA and on CPUs with native "
-            "bf16 arithmetic, AVX512_BF16 or AMX; else float32), float32, bfloat16 or float16.",
+            "bf16 arithmetic, AVX512_BF16 or AMX; else float32), float32, bfloat16 or float16. The trainer keeps float32 "
+            "weights and runs its products in bf16 autocast whenever this resolves to a 16-bit dtype.",
             choice("auto", "float32", "bfloat16", "float16")),
     Setting("ILF_TORCH_THREADS", "0", "torch intra-op threads; 0 keeps torch's default.", integer(0)),
     Setting("ILF_PROMOTE_MARGIN", "0", "A round switches serving to its candidate only if pass@1 dropped by at most "

@@ -96,6 +96,16 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
+def training_compute_dtype(device: str) -> torch.dtype:
+    """The dtype the matmuls run in: bfloat16 autocast where ILF_DTYPE resolves to a 16-bit type, else float32.
+
+    Weights, LoRA adapters, gradients and optimizer state stay float32 (the master copy); only the products
+    run in bf16, which has float32's range, so no loss scaling is needed (float16 would need it, so a float16
+    setting trains in bf16 too).
+    """
+    return torch.float32 if modeling.model_dtype(device) == torch.float32 else torch.bfloat16
+
+
 def prepare_model(loaded: modeling.LoadedModel, hp: Hyperparameters, gradient_checkpointing: bool):
     model = loaded.model
     if hp.method == "lora":
@@ -223,13 +233,16 @@ def _train(store, registry, spec: RunSpec, progress, checkpoint_every, micro_bat
     if resumed:
         state = dict(resumed)
         log.info("resumed from the checkpoint at step %d/%d", state["step"], total_steps)
-    log.info("%s fine-tuning: %d examples, %d steps of %d, %d trainable parameters, gradient checkpointing %s%s",
+    compute_dtype = training_compute_dtype(loaded.device)
+    log.info("%s fine-tuning: %d examples, %d steps of %d, %d trainable parameters, compute %s (float32 weights), "
+             "gradient checkpointing %s%s",
              hp.method, len(examples), total_steps, hp.batch_size, sum(p.numel() for p in trainable),
+             modeling.dtype_name(compute_dtype),
              "on" if gradient_checkpointing else "off",
              f", {world.size} processes ({'FSDP' if parallel.sharded else 'DDP'})" if world.size > 1 else "")
 
     device, pad_id = loaded.device, tokenizer.pad_token_id
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    autocast = torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {run_id}", unit="step", mininterval=1,
                disable=not world.is_writer)
     first_step, session_start, session_tokens = state["step"], time.monotonic(), 0
@@ -276,7 +289,8 @@ def _train(store, registry, spec: RunSpec, progress, checkpoint_every, micro_bat
     metrics = {"final_loss": state["losses"][-1], "losses": state["losses"], "gradient_norms": state["gradient_norms"],
                "steps": total_steps, "examples": len(examples), "dropped_examples": dropped, "tokens": tokens,
                "train_seconds": train_seconds, "tokens_per_second": tokens / max(train_seconds, 1e-9),
-               "resumed_at_step": first_step if resumed else None, "processes": world.size}
+               "resumed_at_step": first_step if resumed else None, "processes": world.size,
+               "compute_dtype": modeling.dtype_name(compute_dtype)}
     progress.update(phase="saving", force=True)
     # Sharded weights are gathered into rank 0's memory, with every rank taking part; then the others are done.
     weights = _full_weights(model) if parallel.sharded else None
