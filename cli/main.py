@@ -516,7 +516,7 @@ def _add_experiment_parsers(sub) -> None:
     reproduce = sub.add_parser("reproduce", help="the paper's comparison of methods on one base model, rejection "
                                                  "sampling, and further ILF rounds on the model's own failures")
     _add_round_flags(reproduce)
-    # The paper's budget with 10 evaluation samples per task (README: under 2 hours on 2 CPU cores).
+    # The paper's budget with 10 evaluation samples per task (hours on a CPU: see loop.reproduce.DEFAULTS).
     reproduce.set_defaults(**DEFAULTS)
     reproduce.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     reproduce.add_argument("--rounds", type=int, default=ROUNDS,

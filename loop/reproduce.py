@@ -39,8 +39,9 @@ ROUNDS = 2  # ILF rounds after the first, on the model's own failures
 
 # `ilf reproduce`'s defaults: the paper's sampling budget (30 refinements per annotated task at T=0.8 on all
 # 128 MBPP_Train tasks; evaluation at T=0.8 on all 100 MBPP_Test tasks) with 10 evaluation samples per task
-# instead of 30, so the whole comparison fits in 2 hours on 2 CPU cores (README, "The paper's comparison");
-# --paper evaluates 30. The rounds collect one failing program per task for the model to write feedback on.
+# instead of 30; --paper evaluates 30. That is about 5M sampled tokens: at the 76-78 tokens/s the service
+# reached on 2 CPU cores without AVX-512 (2026-12-02), some 18 hours there, so use a GPU or scale it down with
+# --eval-tasks/--eval-samples/--train-tasks/--refine-samples. The rounds collect one failing program per task.
 DEFAULTS = {"eval_tasks": 0, "eval_samples": 10, "eval_temperature": 0.8, "train_tasks": 0, "refine_samples": 30,
             "refine_temperature": 0.8, "collect_samples": 1, "collect_temperature": 0.8}
 
