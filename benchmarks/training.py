@@ -3,8 +3,8 @@
 Data: MBPP training tasks as (generation prompt, gold body) pairs, the shape of an ILF round's
 fine-tuning set. Both sides: LoRA r=16, alpha=32, dropout 0.05 on every linear layer, lr 2e-4 with
 linear decay, AdamW without weight decay, gradient clipping 1.0, max_seq_len 1024, loss on the
-completion only, the same effective batch and epochs, in the dtype ILF_DTYPE resolves to (bf16 autocast over
-float32 weights where the CPU has native bf16; TRL with bf16=True then). Ours also runs in float32, for the
+completion only, the same effective batch and epochs, in the dtype the trainer computes in for ILF_DTYPE (bf16
+autocast over float32 weights where ILF_DTYPE resolves to a 16-bit dtype; TRL with bf16=True then). Ours also runs in float32, for the
 speed-up bf16 buys and the loss curves side by side. Tokens/s counts the same real (unpadded) tokens for all,
 over the training loop only (model loading and tokenisation excluded on every side). Ours runs first, so any
 warm-up cost falls on it.
@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ilf import config, data, prompts  # noqa: E402
 from ilf.datasets import put_dataset  # noqa: E402
-from ilf.modeling import configure_torch, dtype_name, model_dtype, resolve_source  # noqa: E402
+from ilf.modeling import configure_torch, dtype_name, resolve_source  # noqa: E402
 from ilf.registry import Registry  # noqa: E402
 from ilf.store import open_store  # noqa: E402
+from trainer.train import train, training_compute_dtype  # noqa: E402
 
 MODEL = "embedded:smollm2-135m-instruct"
 LORA = {"lora_rank": 16, "lora_alpha": 32.0, "lora_dropout": 0.05}
@@ -49,7 +50,6 @@ def mbpp_pairs(count: int) -> list[dict]:
 
 
 def run_ours(store, base_version: str, dataset: str, batch_size: int, epochs: int, dtype: str) -> dict:
-    from trainer.train import train
     os.environ["ILF_DTYPE"] = dtype
     run_id = f"bench-{dtype}-{int(time.time())}"
     hp = {"method": "lora", "learning_rate": LEARNING_RATE, "batch_size": batch_size, "epochs": epochs,
@@ -96,7 +96,7 @@ def main() -> None:
     if shared_data.is_dir():  # the MBPP copy beside the checkout, else ilf.data downloads it
         os.environ.setdefault("ILF_DATA_DIR", str(shared_data))
     configure_torch()
-    dtype = dtype_name(model_dtype())
+    dtype = dtype_name(training_compute_dtype())  # what the trainer computes in (float16 trains in bf16)
     with tempfile.TemporaryDirectory(prefix="ilf-bench-train-") as tmp:
         source = args.model
         if source == "tiny":

@@ -96,12 +96,12 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-def training_compute_dtype(device: str) -> torch.dtype:
+def training_compute_dtype(device: str | None = None) -> torch.dtype:
     """The dtype the matmuls run in: bfloat16 autocast where ILF_DTYPE resolves to a 16-bit type, else float32.
 
     Weights, LoRA adapters, gradients and optimizer state stay float32 (the master copy); only the products
     run in bf16, which has float32's range, so no loss scaling is needed (float16 would need it, so a float16
-    setting trains in bf16 too).
+    setting trains in bf16 too). device: ILF_DEVICE's when not given.
     """
     return torch.float32 if modeling.model_dtype(device) == torch.float32 else torch.bfloat16
 
