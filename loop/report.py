@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import io
-from typing import Callable
 import json
+from typing import Callable
 
 
 def publish(store, prefix: str, report: dict, png: bytes) -> None:
