@@ -1,7 +1,9 @@
 """Choosing the next token of every row of a batch, each row with its own settings and generator.
 
-Sampling is Gumbel-max with one torch.Generator per row, so a sample depends only on its own seed
-and logits, not on which other requests shared its batch. The order of the logit processors is
+Sampling inverts each row's cumulative distribution at one uniform number drawn from the row's own
+torch.Generator, so a sample depends only on its own seed and logits, not on which other requests
+shared its batch. (Gumbel-max, used before, drew a number per vocabulary entry: 30 rows x 49,152
+draws and two logarithms over them took 25 of a 129 ms bf16 decode step on SmolLM2, measured.) The order of the logit processors is
 transformers': repetition penalty, temperature, top-k, top-p.
 """
 from __future__ import annotations
@@ -36,23 +38,28 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[to
     scaled = logits / temperatures[:, None]
     if any(row.settings.top_k or row.settings.top_p < 1.0 for row in rows):
         scaled = top_k_top_p(scaled, [row.settings for row in rows])
-    logprobs = torch.log_softmax(scaled, dim=-1)
+    # Every pass over [rows, vocab] counts (49,152 columns for SmolLM2): one for the normaliser, one for the
+    # probabilities and one for their running sum; greedy rows need the argmax only.
+    normaliser = torch.logsumexp(scaled, dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.settings.temperature > 0]
-    # Every pass over [rows, vocab] counts (49,152 columns for SmolLM2): greedy rows need the argmax only, and
-    # when every row samples, the noise is added in place to the log-probabilities' rows without a gather.
-    tokens = logprobs.argmax(dim=-1) if len(sampled) < len(rows) else None
+    tokens = scaled.argmax(dim=-1) if len(sampled) < len(rows) else None
     if sampled:
-        # Each row draws from its own generator into one buffer; the Gumbel transform then runs once for all.
-        noise = torch.empty(len(sampled), logits.shape[1], device=logits.device)
-        for j, i in enumerate(sampled):
-            torch.rand(logits.shape[1], generator=rows[i].generator, device=logits.device, out=noise[j])
-        gumbel = noise.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
+        index = torch.tensor(sampled, device=logits.device) if tokens is not None else None
+        chosen = scaled if index is None else scaled[index]
+        cumulative = (chosen - normaliser[sampled, None]).exp_().cumsum_(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in sampled])
+        picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
+        picked = picked.clamp_(max=logits.shape[1] - 1)
+        # rounding can land on a token of probability 0 (one cut by top-k/top-p) at the end of the row: never
+        # sample one; take the most likely token instead
+        impossible = torch.isinf(chosen.gather(1, picked[:, None])[:, 0])
+        if bool(impossible.any()):
+            picked = torch.where(impossible, chosen.argmax(dim=-1), picked)
         if tokens is None:
-            tokens = gumbel.add_(logprobs).argmax(dim=-1)
+            tokens = picked
         else:
-            index = torch.tensor(sampled, device=logits.device)
-            tokens[index] = gumbel.add_(logprobs[index]).argmax(dim=-1)
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+            tokens[index] = picked
+    return tokens, scaled.gather(1, tokens[:, None])[:, 0] - normaliser
 
 
 def top_k_top_p(scaled: torch.Tensor, settings: Sequence[Sampling]) -> torch.Tensor:
