@@ -53,16 +53,17 @@ def fine_tune(clients: Clients, store: ArtifactStore, records: list[dict], name:
 
 
 def ilf_round_on_own_failures(clients: Clients, store: ArtifactStore, settings: RoundSettings, model_version: str,
-                              name: str) -> tuple[dict, str]:
-    """One ILF round from model_version: its failing programs on the train tasks are queued (Collect), the serving
-    model writes feedback on them (AnswerWithModel), pi_Refine refines the newest feedback per task on a program of
-    model_version or its ancestors, and model_version is fine-tuned on the passing refinements.
+                              name: str, task_ids: tuple[int, ...] = ()) -> tuple[dict, str]:
+    """One ILF round from model_version: its failing programs on the train tasks (task_ids, when given) are queued
+    (Collect), the serving model writes feedback on them (AnswerWithModel), pi_Refine refines the newest feedback
+    per task on a program of model_version or its ancestors, and model_version is fine-tuned on the passing
+    refinements.
 
     Returns (what the round did, the new model version; "" when no refinement passed).
     """
     settings = dataclasses.replace(settings, feedback="newest", feedback_authors="any")
     clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=model_version), timeout=LONG_CALL_S)
-    collected = collect_failures(clients, settings, model_version)
+    collected = collect_failures(clients, settings, model_version, task_ids)
     answered = clients.feedback.AnswerWithModel(feedback_pb2.AnswerWithModelRequest(
         task_set=settings.task_set, shots=FEEDBACK_SHOTS, params=model_feedback_params(settings)), timeout=6 * 3600)
     items, feedback = training_feedback(clients, store, settings, model_version)

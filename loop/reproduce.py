@@ -90,7 +90,8 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
     prefix = f"reports/{tag}"
     for method in tqdm(methods, desc="methods", unit="method"):
         if method == "ilf-rounds":
-            _rounds(report, settings, clients, store, tasks, trained.get("ilf", base), rounds, prefix, started)
+            _rounds(report, settings, clients, store, tasks, tuple(n.task_id for n in notes), trained.get("ilf", base),
+                    rounds, prefix, started)
             continue
         row: dict = {}
         if method == "zero-shot":
@@ -125,16 +126,18 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
 
 
 def _rounds(report: dict, settings: RoundSettings, clients: Clients, store: ArtifactStore, tasks: list,
-            start: str, rounds: int, prefix: str, started: float) -> None:
+            train_task_ids: tuple[int, ...], start: str, rounds: int, prefix: str, started: float) -> None:
     """Rounds 2, 3, ... from ILF's model (the base model when ILF trained nothing), each evaluated like every
-    method; they stop at the first round that has nothing to train on."""
+    method and collecting the model's failures on the comparison's train tasks (the annotated ones every other
+    method trains on); they stop at the first round that has nothing to train on."""
     model = start
     for number in range(2, 2 + rounds):
         method = f"ilf-round-{number}"
         if not model:
             report["methods"][method] = {"outcome": "not run: the previous round trained nothing"}
             continue
-        row, model = ilf_round_on_own_failures(clients, store, settings, model, f"{report['id']}-{method}")
+        row, model = ilf_round_on_own_failures(clients, store, settings, model, f"{report['id']}-{method}",
+                                               train_task_ids)
         if model:
             row.update(summary(evaluate(clients, tasks, settings, model, label=f"evaluate {method}")))
         report["methods"][method] = row

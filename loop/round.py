@@ -83,11 +83,12 @@ def training_feedback(clients: Clients, store: ArtifactStore, settings: RoundSet
     return items, stats
 
 
-def collect_failures(clients: Clients, settings: RoundSettings, model_version: str = "") -> feedback_pb2.CollectResponse:
+def collect_failures(clients: Clients, settings: RoundSettings, model_version: str = "",
+                     task_ids: tuple[int, ...] = ()) -> feedback_pb2.CollectResponse:
     """Has the feedback service sample the serving model (or model_version) on the task set's first
-    settings.train_tasks train tasks and queue the failing programs for annotation."""
+    settings.train_tasks train tasks (of task_ids, when given) and queue the failing programs for annotation."""
     return clients.feedback.Collect(feedback_pb2.CollectRequest(
-        task_set=settings.task_set, max_tasks=settings.train_tasks, model_version=model_version,
+        task_set=settings.task_set, max_tasks=settings.train_tasks, task_ids=task_ids, model_version=model_version,
         timeout_s=settings.timeout_s, params=sampling_params(settings.collect_samples, settings.collect_temperature,
                                                              settings.max_new_tokens, settings.seed)),
         timeout=LONG_CALL_S)

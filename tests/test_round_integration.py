@@ -35,14 +35,20 @@ SMALL = dict(eval_tasks=3, eval_samples=2, eval_temperature=0.8, train_tasks=3, 
              max_new_tokens=12, epochs=1, batch_size=2, feedback="paper")
 
 
+def start_system(root: Path, base_model: Path) -> tuple[LocalServices, str]:
+    """The five services as processes on base_model with a home, cache and store of their own under root; and
+    the store's URL."""
+    env = {"ILF_HOME": str(root / "home"), "ILF_CACHE": str(root / "cache"), "ILF_STORE": f"file://{root / 'store'}",
+           "ILF_BASE_MODEL": str(base_model), "ILF_DEVICE": "cpu", "ILF_TORCH_THREADS": "1"}
+    ports = {name: free_port() for name in SERVICES}
+    return LocalServices(root / "logs", env=env, ports=ports, startup_timeout_s=300), env["ILF_STORE"]
+
+
 @pytest.fixture(scope="module")
 def system(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("system")
-    env = {"ILF_HOME": str(root / "home"), "ILF_CACHE": str(root / "cache"), "ILF_STORE": f"file://{root / 'store'}",
-           "ILF_BASE_MODEL": str(tiny_model_dir), "ILF_DEVICE": "cpu", "ILF_TORCH_THREADS": "1"}
-    ports = {name: free_port() for name in SERVICES}
-    with LocalServices(root / "logs", env=env, ports=ports, startup_timeout_s=300) as services:
-        yield services, open_store(env["ILF_STORE"]), Clients.connect(**services.addresses)
+    services, store_url = start_system(tmp_path_factory.mktemp("system"), tiny_model_dir)
+    with services:
+        yield services, open_store(store_url), Clients.connect(**services.addresses)
 
 
 def serving_version(clients) -> str:
@@ -291,6 +297,8 @@ def test_the_serving_models_failures_get_feedback_and_the_next_rounds_learn_from
     assert queue and {i.model_version for i in queue} == {base} and {i.task_id for i in queue} == {1, 2, 3}
     again = collect_failures(clients, settings)  # the same seeds write the same programs: nothing new
     assert again.failing == 6 and again.queued == 0 and again.duplicates == 6
+    named = collect_failures(clients, settings, task_ids=(3, 1))  # only the tasks asked for
+    assert (named.tasks, named.samples, named.duplicates) == (2, 4, 4)
 
     # a lease held across a restart of the feedback service is still good afterwards
     held = clients.feedback.LeaseItem(feedback_pb2.LeaseItemRequest(annotator_id="ana", task_set=name), timeout=60)

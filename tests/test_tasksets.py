@@ -9,7 +9,7 @@ import pytest
 from ilf import data, prompts, tasksets
 from ilf.errors import InvalidArgument, NotFound
 from ilf.store import open_store
-from ilf.v1 import execution_pb2, execution_pb2_grpc, feedback_pb2
+from ilf.v1 import common_pb2, execution_pb2, execution_pb2_grpc, feedback_pb2
 from ilf.grpc_util import channel
 from test_feedback import execution_address, rejected, start_feedback, store_url  # noqa: F401 - fixtures
 
@@ -164,10 +164,21 @@ def test_unknown_task_sets_and_tasks_are_not_found_with_the_reason(start_feedbac
         (feedback.SubmitFeedback, feedback_pb2.SubmitFeedbackRequest(
             task_id=9999, program=note.failing_program, feedback="x", annotator_id="a"), "mbpp has no task 9999"),
         (feedback.Collect, feedback_pb2.CollectRequest(task_set="nope"), "no task set 'nope'"),
+        (feedback.Collect, feedback_pb2.CollectRequest(task_ids=[311, 9999], params=common_pb2.SamplingParams(
+            n=1, max_new_tokens=8)), "mbpp has no task 9999"),
     ]
     for call, request, reason in cases:
         error = rejected(call, request)
         assert error.code() == grpc.StatusCode.NOT_FOUND and reason in error.details(), error.details()
+
+
+def test_collecting_on_named_tasks_takes_train_tasks_only_each_once(start_feedback):
+    feedback = start_feedback()
+    params = common_pb2.SamplingParams(n=1, max_new_tokens=8)
+    for task_ids, reason in [([311, 11, 111], "in other splits: 11 (test), 111 (refine)"),
+                             ([311, 312, 311], "names a task twice: [311]")]:
+        error = rejected(feedback.Collect, feedback_pb2.CollectRequest(task_ids=task_ids, params=params))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in error.details(), error.details()
 
 
 def test_a_failed_comparison_says_what_the_program_returned_and_what_was_expected(execution_address):

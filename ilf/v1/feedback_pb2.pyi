@@ -231,18 +231,20 @@ class ListTaskSetsResponse(_message.Message):
     def __init__(self, task_sets: _Optional[_Iterable[_Union[TaskSetInfo, _Mapping]]] = ...) -> None: ...
 
 class CollectRequest(_message.Message):
-    __slots__ = ("task_set", "params", "max_tasks", "model_version", "timeout_s")
+    __slots__ = ("task_set", "params", "max_tasks", "model_version", "timeout_s", "task_ids")
     TASK_SET_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     task_set: str
     params: _common_pb2.SamplingParams
     max_tasks: int
     model_version: str
     timeout_s: float
-    def __init__(self, task_set: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tasks: _Optional[int] = ..., model_version: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    task_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task_set: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tasks: _Optional[int] = ..., model_version: _Optional[str] = ..., timeout_s: _Optional[float] = ..., task_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CollectResponse(_message.Message):
     __slots__ = ("model_version", "tasks", "samples", "failing", "queued", "duplicates", "item_ids")

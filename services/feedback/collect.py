@@ -47,16 +47,30 @@ def _task_params(params: common_pb2.SamplingParams, task: Task) -> common_pb2.Sa
     return sampling
 
 
+def train_tasks(task_set: TaskSet, task_ids: tuple[int, ...]) -> list[Task]:
+    """The named tasks, each of the train split (the queue feeds training: a test task's failures must not)."""
+    twice = sorted(i for i in set(task_ids) if task_ids.count(i) > 1)
+    if twice:
+        raise InvalidArgument(f"task_ids names a task twice: {twice}")
+    tasks = [task_set.task(task_id) for task_id in task_ids]   # NOT_FOUND for an unknown id
+    elsewhere = [f"{t.task_id} ({t.split})" for t in tasks if t.split != "train"]
+    if elsewhere:
+        raise InvalidArgument(f"collect samples train tasks only; task set {task_set.name} has these in other "
+                              f"splits: {', '.join(elsewhere)}")
+    return tasks
+
+
 def collect(task_set: TaskSet, generation: generation_pb2_grpc.GenerationStub, checks: FeedbackChecks,
-            queue: Queue, params: common_pb2.SamplingParams, *, max_tasks: int = 0, model_version: str = "",
-            timeout_s: float = 0.0) -> Collection:
-    """Samples params.n programs per train task, runs them, and queues each distinct failing program with
-    its per-test results and the model version that wrote it."""
+            queue: Queue, params: common_pb2.SamplingParams, *, max_tasks: int = 0, task_ids: tuple[int, ...] = (),
+            model_version: str = "", timeout_s: float = 0.0) -> Collection:
+    """Samples params.n programs per train task (the first max_tasks of task_ids, or of the train split when no
+    ids are given), runs them, and queues each distinct failing program with its per-test results and the model
+    version that wrote it."""
     if not 1 <= params.n <= MAX_SAMPLES:
         raise InvalidArgument(f"params.n must be between 1 and {MAX_SAMPLES}, got {params.n}")
     if not params.max_new_tokens:
         raise InvalidArgument("params.max_new_tokens is 0")
-    tasks = task_set.split("train")[:max_tasks or None]
+    tasks = (train_tasks(task_set, task_ids) if task_ids else task_set.split("train"))[:max_tasks or None]
     if not tasks:
         raise FailedPrecondition(f"task set {task_set.name} has no train tasks to collect on")
 

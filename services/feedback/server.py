@@ -103,7 +103,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
 
     def Collect(self, request, context):
         done = self.service.collect(request.task_set, request.params, max_tasks=request.max_tasks,
-                                    model_version=request.model_version, timeout_s=request.timeout_s)
+                                    task_ids=tuple(request.task_ids), model_version=request.model_version,
+                                    timeout_s=request.timeout_s)
         return feedback_pb2.CollectResponse(model_version=done.model_version, tasks=done.tasks, samples=done.samples,
                                             failing=done.failing, queued=done.queued, duplicates=done.duplicates,
                                             item_ids=done.item_ids)

@@ -78,9 +78,9 @@ class FeedbackService:
     # the annotation queue
 
     def collect(self, task_set: str, params: common_pb2.SamplingParams, *, max_tasks: int = 0,
-                model_version: str = "", timeout_s: float = 0.0) -> Collection:
+                task_ids: tuple[int, ...] = (), model_version: str = "", timeout_s: float = 0.0) -> Collection:
         return collect(self.task_sets.get(task_set), self.writer.generation, self.checks, self.queue, params,
-                       max_tasks=max_tasks, model_version=model_version, timeout_s=timeout_s)
+                       max_tasks=max_tasks, task_ids=task_ids, model_version=model_version, timeout_s=timeout_s)
 
     def answer(self, item_id: str, lease_id: str, annotator_id: str, feedback: str,
                human_refinement: str = "") -> FeedbackRecord:

@@ -1,0 +1,116 @@
+"""The whole comparison end to end through the services as processes, on a tiny model that knows a few answers by
+heart (tests/memorizing_model.py), so every method trains: zero-shot, gold, human refinements, ILF with human and
+with model-written feedback, rejection sampling, and two more ILF rounds on the model's own failures through the
+annotation queue."""
+from __future__ import annotations
+
+import pytest
+
+from ilf import data
+from ilf.registry import Registry
+from ilf.store import open_store
+from ilf.v1 import feedback_pb2, generation_pb2, refinement_pb2
+from loop.clients import Clients
+from loop.reproduce import METHODS, reproduce
+from loop.settings import RoundSettings
+from memorizing_model import MODEL_FEEDBACK, build_memorizing_model
+from test_round_integration import ResultsHistory, start_system
+
+# Two MBPP_Test tasks, the two annotated MBPP_Train tasks the model knows, room for task A's 70-token gold body,
+# greedy collection and refinement; every fine-tune (pi_Refine's one step of 44 triples, each method's one step) at
+# a negligible rate keeps what the model knows, so refinements pass and each round's model fails task B with the
+# program the model learnt.
+SMALL = dict(eval_tasks=2, eval_samples=2, eval_temperature=0.8, train_tasks=2, refine_samples=1,
+             refine_temperature=0.0, collect_samples=1, collect_temperature=0.0, max_new_tokens=96, epochs=1,
+             batch_size=2, learning_rate=1e-9, refiner_epochs=1, refiner_batch_size=44, refiner_learning_rate=1e-9)
+
+
+@pytest.fixture(scope="session")
+def memorizing_model_dir(tmp_path_factory, tiny_model_dir):
+    return build_memorizing_model(tiny_model_dir, tmp_path_factory.mktemp("memorizing-model"))
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory, memorizing_model_dir):
+    services, store_url = start_system(tmp_path_factory.mktemp("reproduce"), memorizing_model_dir)
+    with services:
+        yield open_store(store_url), Clients.connect(**services.addresses)
+
+
+def test_the_whole_comparison_trains_every_method_and_two_more_rounds(system):
+    store, clients = system
+    serving = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest()).serving_version
+    history = ResultsHistory(store)
+    report = reproduce(RoundSettings(**SMALL), clients, history)
+    rows = report["methods"]
+    expected = ["zero-shot", "gold", "human", "ilf", "ilf-model-feedback", "rejection-sampling", "ilf-round-2",
+                "ilf-round-3"]
+    assert list(rows) == expected == report["methods_requested"] and report["complete"]
+    assert "ilf-rounds" in METHODS
+
+    # every method was trained and evaluated on the same tasks; the serving model never changed
+    assert all("pass_at" in rows[m] for m in expected), report["markdown"]
+    assert report["eval_task_ids"] == [11, 12]
+    versions = [rows[m]["model_version"] for m in expected]
+    assert versions[0] == serving and len(set(versions)) == len(expected)
+    assert clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest()).serving_version == serving
+    for row in rows.values():
+        for k, value in row["pass_at"].items():
+            low, high = row["interval95"][k]
+            assert low <= value <= high
+    assert list(rows["zero-shot"]["pass_at"]) == ["1"]  # 2 samples per task: pass@1 only
+
+    # ILF: pi_Refine (its own hyperparameters) repaired the paper's failing programs given the paper's feedback
+    refiner = Registry(store).get(report["refiner"]["model_version"])
+    assert refiner.lineage["purpose"] == "refinement" and report["refiner"]["examples"] == 44
+    assert refiner.lineage["hyperparameters"]["learning_rate"] == 1e-9
+    assert rows["ilf"]["data"]["tasks_with_passing_refinement"] == 2
+    # with the feedback the model writes itself (the feedback it learnt to write and pi_Refine learnt to repair with)
+    assert rows["ilf-model-feedback"]["data"]["no_feedback_written"] == 0
+    assert rows["ilf-model-feedback"]["data"]["tasks_with_passing_refinement"] == 2
+    # rejection sampling: the same tasks and budget, only task A's own samples pass
+    assert rows["rejection-sampling"]["data"] == {"tasks": 2, "samples": 2, "passing_samples": 1,
+                                                  "tasks_with_passing_sample": 1}
+
+    # round 2 starts from ILF's model: its failing program of task B queued, answered by the model, refined, learnt
+    round2, round3 = rows["ilf-round-2"], rows["ilf-round-3"]
+    assert round2["start_version"] == rows["ilf"]["model_version"]
+    assert round2["collect"]["failing"] == 1 and round2["collect"]["answered_by_model"] == 1
+    assert round2["feedback"]["by_author_kind"] == {"model": 1}
+    assert round2["feedback"]["by_model_version"] == {rows["ilf"]["model_version"]: 1}
+    assert round2["data"]["tasks_with_passing_refinement"] == 1
+    assert Registry(store).get(round2["model_version"]).base_version == rows["ilf"]["model_version"]
+    # round 3 from round 2's model: the same failing program is already answered, and that answer is used
+    assert round3["start_version"] == round2["model_version"]
+    assert round3["collect"]["queued"] == 0 and round3["feedback"]["records"] == 1
+    assert Registry(store).get(round3["model_version"]).base_version == round2["model_version"]
+    queue = clients.feedback.ListQueue(feedback_pb2.ListQueueRequest(task_set="mbpp"), timeout=60).items
+    assert [(i.task_id, i.answered_by) for i in queue] == [(data.annotations("train")[1].task_id, "model")]
+    record = clients.feedback.GetFeedback(feedback_pb2.GetFeedbackRequest(record_id=queue[0].record_id))
+    assert record.feedback == MODEL_FEEDBACK and record.author_kind == feedback_pb2.AUTHOR_KIND_MODEL
+
+    # the table, chart and JSON, written after every method (and round), so an interrupted run keeps them
+    markdown = report["markdown"]
+    for label in ("| fine-tuned on its own passing samples (rejection sampling) |",
+                  "| ILF round 3 (model-written feedback on its own failures) |", "pass@1 per round", "lr 1e-09"):
+        assert label in markdown
+    assert store.get(f"{report['artifacts']}/results.png")[:4] == b"\x89PNG"
+    assert [list(v["methods"]) for v in history.versions[:len(expected)]] == [
+        expected[:i + 1] for i in range(len(expected))]
+    assert [v["complete"] for v in history.versions] == [False] * len(expected) + [True]
+    assert f"Partial: 1 of {len(expected)} methods" in history.versions[0]["markdown"]
+    status = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest())
+    assert status.serving_version == report["refiner"]["model_version"]
+
+
+def test_a_comparison_without_ilf_starts_the_rounds_from_the_base_model_and_stops_when_nothing_passes(system):
+    store, clients = system
+    settings = RoundSettings(**{**SMALL, "train_tasks": 1})  # task A only: the base model never fails it
+    report = reproduce(settings, clients, store, methods=("zero-shot", "ilf-rounds"), rounds=2)
+    rows = report["methods"]
+    assert list(rows) == ["zero-shot", "ilf-round-2", "ilf-round-3"]
+    assert rows["ilf-round-2"]["start_version"] == rows["zero-shot"]["model_version"]
+    assert rows["ilf-round-2"]["collect"]["failing"] == 0
+    assert "nothing to fine-tune" in rows["ilf-round-2"]["outcome"]
+    assert rows["ilf-round-3"] == {"outcome": "not run: the previous round trained nothing"}
+    assert "3: not trained" in report["markdown"]
