@@ -37,12 +37,13 @@ LABELS = {"zero-shot": "zero-shot", "gold": "fine-tuned on MBPP gold programs",
           "rejection-sampling": "fine-tuned on its own passing samples (rejection sampling)"}
 ROUNDS = 2  # ILF rounds after the first, on the model's own failures
 
-# `ilf reproduce`'s defaults: the paper's sampling budget (30 refinements per annotated task at T=0.8 on all
-# 128 MBPP_Train tasks; evaluation at T=0.8 on all 100 MBPP_Test tasks) with 10 evaluation samples per task
-# instead of 30; --paper evaluates 30. That is about 5M sampled tokens: at the 76-78 tokens/s the service
-# reached on 2 CPU cores without AVX-512 (2026-12-02), some 18 hours there, so use a GPU or scale it down with
-# --eval-tasks/--eval-samples/--train-tasks/--refine-samples. The rounds collect one failing program per task.
-DEFAULTS = {"eval_tasks": 0, "eval_samples": 10, "eval_temperature": 0.8, "train_tasks": 0, "refine_samples": 30,
+# `ilf reproduce`'s defaults: the paper's per-task sampling budget (30 refinements per annotated task at T=0.8;
+# evaluation at T=0.8 on all 100 MBPP_Test tasks, 10 samples each, enough for pass@10) on the first 24 of the 128
+# annotated MBPP_Train tasks, sized for 2 CPU cores with bf16 (AVX512_BF16): from phases measured there on
+# 2026-12-02 (100 tasks x 4 samples evaluated in 190 s; 960 refinements in 8-11 min; pi_Refine's 4 steps in 5 min)
+# the eight methods come to an estimated 1 h 55 min (not yet run end to end); about three times that in float32.
+# --paper: all 128 tasks and 30 evaluation samples, for a GPU. The rounds collect one failing program per task.
+DEFAULTS = {"eval_tasks": 0, "eval_samples": 10, "eval_temperature": 0.8, "train_tasks": 24, "refine_samples": 30,
             "refine_temperature": 0.8, "collect_samples": 1, "collect_temperature": 0.8}
 
 
