@@ -3,11 +3,11 @@
 Data: MBPP training tasks as (generation prompt, gold body) pairs, the shape of an ILF round's
 fine-tuning set. Both sides: LoRA r=16, alpha=32, dropout 0.05 on every linear layer, lr 2e-4 with
 linear decay, AdamW without weight decay, gradient clipping 1.0, max_seq_len 1024, loss on the
-completion only, the same effective batch and epochs, in the dtype the trainer computes in for ILF_DTYPE (bf16
-autocast over float32 weights where ILF_DTYPE resolves to a 16-bit dtype; TRL with bf16=True then). Ours also runs in float32, for the
-speed-up bf16 buys and the loss curves side by side. Tokens/s counts the same real (unpadded) tokens for all,
-over the training loop only (model loading and tokenisation excluded on every side). Ours runs first, so any
-warm-up cost falls on it.
+completion only, the same effective batch and epochs, in the dtype the trainer computes in for ILF_DTYPE
+(bf16 autocast over float32 weights where ILF_DTYPE resolves to a 16-bit dtype; TRL with bf16=True then).
+Ours also runs in float32, for the speed-up bf16 buys and the loss curves side by side. Tokens/s counts the
+same real (unpadded) tokens for all, over the training loop only (model loading and tokenisation excluded on
+every side). Ours runs first, so any warm-up cost falls on it.
 
     .venv/bin/python benchmarks/training.py [--examples 32] [--batch-size 8] [--epochs 1] [--model tiny]
 

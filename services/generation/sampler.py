@@ -3,8 +3,8 @@
 Sampling inverts each row's cumulative distribution at one uniform number drawn from the row's own
 torch.Generator, so a sample depends only on its own seed and logits, not on which other requests
 shared its batch. (Gumbel-max, used before, drew a number per vocabulary entry: 30 rows x 49,152
-draws and two logarithms over them took 25 of a 129 ms bf16 decode step on SmolLM2, measured.) The order of the logit processors is
-transformers': repetition penalty, temperature, top-k, top-p.
+draws and two logarithms over them took 25 of a 129 ms bf16 decode step on SmolLM2, measured.)
+The order of the logit processors is transformers': repetition penalty, temperature, top-k, top-p.
 """
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[to
     # probabilities and one for their running sum; greedy rows need the argmax only.
     normaliser = torch.logsumexp(scaled, dim=-1)
     sampled = [i for i, row in enumerate(rows) if row.settings.temperature > 0]
-    tokens = scaled.argmax(dim=-1) if len(sampled) < len(rows) else None
+    some_greedy = len(sampled) < len(rows)
+    tokens = scaled.argmax(dim=-1) if some_greedy else None
     if sampled:
-        index = torch.tensor(sampled, device=logits.device) if tokens is not None else None
-        chosen = scaled if index is None else scaled[index]
+        # when every row samples, the sampled rows are the batch: no gather
+        index = torch.tensor(sampled, device=logits.device) if some_greedy else None
+        chosen = scaled[index] if some_greedy else scaled
         cumulative = (chosen - normaliser[sampled, None]).exp_().cumsum_(dim=-1)
         uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in sampled])
         picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
@@ -55,10 +57,10 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[to
         impossible = torch.isinf(chosen.gather(1, picked[:, None])[:, 0])
         if bool(impossible.any()):
             picked = torch.where(impossible, chosen.argmax(dim=-1), picked)
-        if tokens is None:
-            tokens = picked
-        else:
+        if some_greedy:
             tokens[index] = picked
+        else:
+            tokens = picked
     return tokens, scaled.gather(1, tokens[:, None])[:, 0] - normaliser
 
 
