@@ -25,6 +25,7 @@ from ilf.store import ArtifactStore
 from ilf.training_spec import Hyperparameters, RunSpec
 from trainer import data
 from trainer.distributed import ParallelLoss, World, step_passes
+from trainer.dropout import quarter_lora_dropout
 
 log = logging.getLogger("trainer")
 
@@ -113,6 +114,8 @@ def prepare_model(loaded: modeling.LoadedModel, hp: Hyperparameters, gradient_ch
         model = get_peft_model(model, LoraConfig(
             r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
             target_modules="all-linear", task_type="CAUSAL_LM"))
+        if loaded.device == "cpu":  # CUDA's dropout is fused and cheap; CPU's Bernoulli mask is not
+            quarter_lora_dropout(model)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, which frozen LoRA embeddings lack.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
