@@ -14,7 +14,7 @@ def test_it_drops_each_element_independently_with_probability_p_and_scales_the_r
     assert dropped.float().mean().item() == pytest.approx(dropout.p, abs=0.002)  # 1M Bernoulli draws: sd 0.0002
     kept = out[~dropped]
     assert torch.allclose(kept, torch.full_like(kept, 2.0 / (1 - dropout.p)))
-    # Independent across positions: the four quarters of one draw, and rows, each drop at p.
+    # Independent across positions: each of the four quarters of a draw drops at p, and neighbours together at p^2.
     per_lane = dropped.flatten()[: 996_000].view(-1, 4).float().mean(dim=0)
     assert torch.all((per_lane - dropout.p).abs() < 0.003)
     pairs = (dropped.flatten()[:-1] & dropped.flatten()[1:]).float().mean().item()

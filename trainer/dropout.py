@@ -2,11 +2,12 @@
 
 On CPU, torch draws dropout's mask one Bernoulli sample per element from a single-threaded generator; with
 LoRA on every linear layer that was 37% of a SmolLM2 training step (torch profiler: `aten::bernoulli_`,
-5.2 of 13.9 s, 420 calls with gradient checkpointing; 29 ms for one 2,200 x 1,536 mask). Here one 64-bit draw makes the mask of four elements:
-each 16-bit quarter is compared with a threshold, so an element is dropped with probability
-round(p * 65536) / 65536 (0.0500031 for 0.05), independently, and the kept ones are scaled by the inverse of
-the kept share, as nn.Dropout does (11 ms for that mask, scaling included). The draws come from torch's default generator, so a seed, a checkpoint's
-saved RNG state and gradient checkpointing's recomputation (which replays that state) all see the same masks.
+5.2 of 13.9 s, 420 calls with gradient checkpointing; 29 ms for one 2,200 x 1,536 mask). Here one 64-bit
+draw makes the mask of four elements: each 16-bit quarter is compared with a threshold, so an element is
+dropped with probability round(p * 65536) / 65536 (0.0500031 for 0.05), independently, and the kept ones are
+scaled by the inverse of the kept share, as nn.Dropout does (11 ms for that mask, scaling included). The
+draws come from torch's default generator, so a seed, a checkpoint's saved RNG state and gradient
+checkpointing's recomputation (which replays that state) all see the same masks.
 """
 from __future__ import annotations
 
