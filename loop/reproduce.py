@@ -39,10 +39,10 @@ ROUNDS = 2  # ILF rounds after the first, on the model's own failures
 
 # `ilf reproduce`'s defaults: the paper's per-task sampling budget (30 refinements per annotated task at T=0.8;
 # evaluation at T=0.8 on all 100 MBPP_Test tasks, 10 samples each, enough for pass@10) on the first 24 of the 128
-# annotated MBPP_Train tasks, sized for 2 CPU cores with bf16 (AVX512_BF16): from phases measured there on
-# 2026-12-02 (100 tasks x 4 samples evaluated in 190 s; 960 refinements in 8-11 min; pi_Refine's 12 default steps
-# in 7 min 20 s, before the CPU LoRA dropout) the eight methods come to an estimated 2 h (not yet run end to end);
-# about three times that in float32.
+# annotated MBPP_Train tasks, sized for 2 CPU cores. Not yet run end to end. Estimated from phases measured there:
+# with bf16 (AVX512_BF16, 2026-12-02: 100 tasks x 4 samples evaluated in 190 s, 960 refinements in 8-11 min)
+# about 2 h; in float32 (AVX2 only, 2026-12-03: the base evaluated in 245 s, a LoRA candidate in 404 s, 960
+# refinements in 11 min 22 s, pi_Refine's 12 steps in 8 min) about 2.5 h, over the 2 h asked.
 # --paper: all 128 tasks and 30 evaluation samples, for a GPU. The rounds collect one failing program per task.
 DEFAULTS = {"eval_tasks": 0, "eval_samples": 10, "eval_temperature": 0.8, "train_tasks": 24, "refine_samples": 30,
             "refine_temperature": 0.8, "collect_samples": 1, "collect_temperature": 0.8}
