@@ -42,8 +42,11 @@ IDEMPOTENT_METHODS = {
                         "ImportTaskSet", "GetTaskSet", "ListTaskSets", "ListQueue"),
     "grpc.health.v1.Health": ("Check",),
 }
+# CANCELLED too: a server that stops kills the calls that reached it but no handler yet, and the client sees
+# CANCELLED, not UNAVAILABLE (seen in CI: one of ~40 calls while a replica stopped under load). A call the client
+# itself cancels is never retried, so for these methods CANCELLED from the server only means "send it again".
 RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"]}
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
 # Per-call balancing: every replica behind the name (a headless Service's pod addresses) gets its share of
 # calls, instead of one long-lived HTTP/2 connection carrying all of them to one pod. Throttling stops retrying
 # while most calls fail (a service that is down, not one replica going away), so retries never pile up.
@@ -211,6 +214,12 @@ class Reflection(reflection.ReflectionServicer):
         return super()._file_containing_symbol(request, method.containing_service.full_name)
 
 
+def wait_polling(event: threading.Event) -> None:
+    """Waits for event in short waits, so that signal handlers on the main thread run between them."""
+    while not event.wait(0.5):
+        pass
+
+
 class Service:
     """What a Server hosts; every service has the same lifecycle.
 
@@ -229,6 +238,11 @@ class Service:
 
     def close(self) -> None:
         """Stops what the service runs besides its gRPC handlers."""
+
+    def lend_main_thread(self, stopping: threading.Event) -> None:
+        """What the process's main thread does while the server runs, until `stopping` is set; by default
+        it waits."""
+        wait_polling(stopping)
 
 
 class Server:
@@ -311,16 +325,21 @@ class Server:
         log.info("stopped")
 
     def run_until_signal(self) -> int:
-        """Serves until SIGTERM or SIGINT (exit status 0) or until the service fails to load (status 1)."""
+        """Serves until SIGTERM or SIGINT (exit status 0) or until the service fails to load (status 1); the main
+        thread is the service's meanwhile (Service.lend_main_thread)."""
         stopping = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.set())
         self.start()
-        while not stopping.wait(0.5):
-            if self._ended.is_set() and self.load_failed:
-                break
+        threading.Thread(target=self._stop_if_load_fails, args=(stopping,), name="load-watch", daemon=True).start()
+        self.service.lend_main_thread(stopping)
         self.stop()
         return 1 if self.load_failed else 0
+
+    def _stop_if_load_fails(self, stopping: threading.Event) -> None:
+        self._ended.wait()
+        if self.load_failed:
+            stopping.set()
 
 
 def serve(build: Callable[[], Server]) -> None:

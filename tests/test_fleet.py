@@ -422,3 +422,29 @@ def test_refinement_replicas_follow_their_pointer_and_generation_keeps_pi_refine
     finally:
         refinement.stop(0)
         generation.stop(0)
+
+
+def test_a_call_the_server_cancels_before_answering_is_sent_again():
+    """A stopping server kills calls that reached it before any handler: the client sees CANCELLED and, for an
+    idempotent method, sends the call again."""
+    from concurrent import futures
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    class CancelsOnce(health_pb2_grpc.HealthServicer):
+        calls = 0
+
+        def Check(self, request, context):
+            CancelsOnce.calls += 1
+            if CancelsOnce.calls == 1:
+                context.abort(grpc.StatusCode.CANCELLED, "server shutting down")
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(CancelsOnce(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        reply = health_pb2_grpc.HealthStub(channel(f"127.0.0.1:{port}")).Check(health_pb2.HealthCheckRequest(),
+                                                                              timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING and CancelsOnce.calls == 2
+    finally:
+        server.stop(0)
