@@ -338,6 +338,8 @@ def run_workload(workload: Workload, samples: int, stub, baselines: dict, dtype:
         totals.setdefault(name, [0, 0.0])
         totals[name][0] += tokens
         totals[name][1] += seconds
+    if w != "A":
+        baselines = {dtype: baselines[dtype]}
     for i, prompt in enumerate(workload.prompts):
         for baseline_dtype, loaded in baselines.items():
             add(f"transformers ({short(baseline_dtype)})",

@@ -214,12 +214,6 @@ class Reflection(reflection.ReflectionServicer):
         return super()._file_containing_symbol(request, method.containing_service.full_name)
 
 
-def wait_polling(event: threading.Event) -> None:
-    """Waits for event in short waits, so that signal handlers on the main thread run between them."""
-    while not event.wait(0.5):
-        pass
-
-
 class Service:
     """What a Server hosts; every service has the same lifecycle.
 
@@ -238,11 +232,6 @@ class Service:
 
     def close(self) -> None:
         """Stops what the service runs besides its gRPC handlers."""
-
-    def lend_main_thread(self, stopping: threading.Event) -> None:
-        """What the process's main thread does while the server runs, until `stopping` is set; by default
-        it waits."""
-        wait_polling(stopping)
 
 
 class Server:
@@ -325,21 +314,16 @@ class Server:
         log.info("stopped")
 
     def run_until_signal(self) -> int:
-        """Serves until SIGTERM or SIGINT (exit status 0) or until the service fails to load (status 1); the main
-        thread is the service's meanwhile (Service.lend_main_thread)."""
+        """Serves until SIGTERM or SIGINT (exit status 0) or until the service fails to load (status 1)."""
         stopping = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.set())
         self.start()
-        threading.Thread(target=self._stop_if_load_fails, args=(stopping,), name="load-watch", daemon=True).start()
-        self.service.lend_main_thread(stopping)
+        while not stopping.wait(0.5):
+            if self._ended.is_set() and self.load_failed:
+                break
         self.stop()
         return 1 if self.load_failed else 0
-
-    def _stop_if_load_fails(self, stopping: threading.Event) -> None:
-        self._ended.wait()
-        if self.load_failed:
-            stopping.set()
 
 
 def serve(build: Callable[[], Server]) -> None:

@@ -1,7 +1,6 @@
 """Generation service: engine (continuous batching, seeds), model versions and swaps, gRPC API."""
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from pathlib import Path
@@ -126,35 +125,6 @@ def test_cancel_stops_the_rows(engine, base_model):
     while engine.active_rows and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.active_rows == 0
-
-
-def test_the_main_thread_can_drive_the_decode_loop_and_hand_it_back(engine, base_model, monkeypatch):
-    """drive() moves the loop onto the calling thread mid-request; when `until` is set a thread takes it back
-    and the same request goes on, with the samples it would have had on one thread."""
-    from services.generation import batch
-    assert threading.current_thread() is threading.main_thread()
-    monkeypatch.setattr(batch, "eos_token_ids", lambda tokenizer: [])   # every row runs its 60 steps
-    settings = Sampling(n=3, temperature=0.9, max_new_tokens=60, seed=11)
-    expected = [s.text for s in engine.submit(base_model, PROMPT, settings).result()]
-    stepped_on, real_step = [], batch.Batch.step
-
-    def step(self, tokens):
-        stepped_on.append(threading.current_thread().name)
-        real_step(self, tokens)
-    monkeypatch.setattr(batch.Batch, "step", step)
-    handle, until = engine.submit(base_model, PROMPT, settings), threading.Event()
-
-    def release_after_some_steps():
-        while stepped_on.count("MainThread") < 10:
-            time.sleep(0.005)
-        until.set()
-    threading.Thread(target=release_after_some_steps).start()
-    engine.drive(until)
-    assert [s.text for s in handle.result()] == expected
-    runs = [name for name, _ in itertools.groupby(stepped_on)]
-    # the engine's own thread may or may not have stepped before drive() took over
-    assert runs in (["MainThread", "generation-engine"], ["generation-engine", "MainThread", "generation-engine"]), runs
-    assert engine.submit(base_model, PROMPT, Sampling(n=1, max_new_tokens=4)).result()[0].generated_tokens == 4
 
 
 def test_full_queue_is_resource_exhausted(base_model):

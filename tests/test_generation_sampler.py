@@ -1,4 +1,4 @@
-"""The sampler alone: greedy, seeded Gumbel-max per row, and the logit processors in transformers' order."""
+"""The sampler alone: greedy, seeded inverse-CDF sampling per row, and the logit processors in transformers' order."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,6 +52,28 @@ def test_top_k_and_top_p_keep_the_most_likely_tokens():
                                               [True, True, False, False]]
     rows = [Row(Sampling(temperature=5.0, top_k=1), seed=s) for s in range(20)]
     assert set(choose_tokens(logits[:1].expand(20, -1), rows)[0].tolist()) == {0}
+
+
+def test_the_candidate_cut_keeps_what_sorting_the_whole_vocabulary_keeps():
+    """top-k/top-p look at the 64, then the 1,024 most likely tokens first; rows they cannot settle are sorted
+    whole."""
+    from services.generation.sampler import _sorted_top_k_top_p
+    torch.manual_seed(3)
+    vocab = 49_152
+    peaked = torch.randn(4, vocab) * 4            # top_p 0.95 falls among the candidates
+    flat = torch.randn(2, vocab) * 0.1            # it does not: sorted whole
+    logits = torch.cat([peaked, flat])
+    settings = [Sampling(top_p=0.95), Sampling(top_k=50), Sampling(top_k=3 * 1024), Sampling(),
+                Sampling(top_p=0.95), Sampling(top_k=20, top_p=0.5)]
+    kept = top_k_top_p(logits, settings)
+    top_k = torch.tensor([s.top_k or vocab for s in settings])
+    expected = _sorted_top_k_top_p(logits, top_k, torch.tensor([s.top_p for s in settings]))
+    cut = [0, 1, 2, 4, 5]   # row 3 cuts nothing; sorted, its float32 running mass reached 1 early and cut a tail
+    assert torch.equal(torch.isfinite(kept[cut]), torch.isfinite(expected[cut]))
+    assert torch.equal(kept[cut][torch.isfinite(kept[cut])], expected[cut][torch.isfinite(expected[cut])])
+    counts = torch.isfinite(kept).sum(dim=-1).tolist()
+    assert counts[1] == 50 and counts[2] == 3 * 1024 and counts[3] == vocab and counts[5] <= 20
+    assert 0 < counts[0] < 1024 and counts[4] > 1024   # one settled by the candidates, one sorted
 
 
 def test_repetition_penalty_applies_to_prompt_and_generated_tokens():

@@ -217,13 +217,7 @@ def test_service_runs_as_its_own_process(ilf_env, tmp_path):
         stub = generation_pb2_grpc.GenerationStub(channel(f"127.0.0.1:{port}"))
         reply = stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPT, params=params(n=2, temperature=0.8)))
         assert len(reply.completions) == 2 and reply.model_version.startswith("base-")
-        # A call in flight when SIGTERM comes finishes: the main thread gives the decode loop back to a thread.
-        long_call = stub.Generate.future(generation_pb2.GenerateRequest(
-            prompt=PROMPT, params=params(n=4, temperature=0.8, max_new_tokens=200, stop=["never"])), timeout=60)
-        time.sleep(0.3)
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 0, output[-2000:]
-    assert "the decode loop runs on the MainThread thread" in output, output[-2000:]
-    assert len(long_call.result().completions) == 4

@@ -11,7 +11,6 @@ from text_generation.errors import OverloadedError, ValidationError
 
 from ilf.auth import client_headers
 from ilf.fleet import PointerFollower
-from ilf.grpc_util import wait_polling
 from ilf.errors import FailedPrecondition, InvalidArgument, InvalidField, ResourceExhausted, Unavailable
 from ilf.modeling import Sample, configure_torch
 from ilf.registry import Registry
@@ -104,10 +103,6 @@ class Backend(ABC):
     def close(self) -> None:
         pass
 
-    def lend_main_thread(self, stopping: threading.Event) -> None:
-        """Runs what this backend runs best on the process's main thread, until `stopping` is set."""
-        wait_polling(stopping)
-
 
 class TransformersBackend(Backend):
     name = "transformers"
@@ -179,9 +174,6 @@ class TransformersBackend(Backend):
         self.follower.stop()
         self.refinement_follower.stop()
         self.engine.stop()
-
-    def lend_main_thread(self, stopping):
-        self.engine.drive(stopping)
 
 
 _TGI_FINISH = {"length": "length", "eos_token": "eos", "stop_sequence": "stop"}

@@ -4,11 +4,6 @@ A scheduler thread keeps one batch of rows (samples) per model version. Each ste
 next token of every row (sampler.py), streams its text (detokenize.py), drops rows that finished
 or whose request was cancelled, and runs one forward pass for the rest (batch.py). Waiting
 requests join between steps: their prompt is prefilled once and merged into the running batch.
-
-A served process lends its main thread to the loop (`drive`): torch's OpenMP regions cost several
-times more when issued from any other thread (measured on 2 cores: a SiLU over 30 x 1,536 bf16 values
-16 us from the main thread, 60-80 us from another; one SmolLM2 decode step of 30 rows 88 ms against
-107-140 ms; 10,894 tokens of 3 MBPP prompts x 30 samples in 34.2 s against 44.4 s).
 """
 from __future__ import annotations
 
@@ -52,8 +47,6 @@ class Engine:
         self._batches: dict[int, Batch] = {}     # id(LoadedModel) -> its batch
         self._wakeup = threading.Condition()
         self._stopped = False
-        self._driver: object = None             # the token of the one loop that may run the scheduler
-        self._ran_out = threading.Event()       # the loop ended because the engine stopped
         self.steps = 0
         self.scheduler_restarts = 0
         track(self, metrics.ENGINE)
@@ -61,28 +54,9 @@ class Engine:
         threading.Thread(target=self._watch_scheduler, name="generation-watchdog", daemon=True).start()
 
     def _start_scheduler(self) -> threading.Thread:
-        self._driver = token = object()
-        thread = threading.Thread(target=self._run, args=(token,), name="generation-engine", daemon=True)
+        thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         thread.start()
         return thread
-
-    def drive(self, until: threading.Event) -> None:
-        """Runs the scheduler on the calling thread (the process's main thread) until `until` is set or the
-        engine stops; then a thread of its own takes the loop back, so calls still in flight finish."""
-        with self._wakeup:
-            if self._stopped:
-                return
-            previous, token = self._thread, object()
-            self._driver, self._thread = token, threading.current_thread()
-            self._wakeup.notify_all()
-        previous.join()   # it leaves at its next step boundary; running batches stay in self._batches
-        log.info("the decode loop runs on the %s thread", threading.current_thread().name)
-        try:
-            self._run(token, until)
-        finally:
-            with self._wakeup:
-                if not self._stopped:
-                    self._thread = self._start_scheduler()
 
     # public
     def submit(self, loaded: LoadedModel, prompt: str, settings: Sampling) -> GenerationHandle:
@@ -124,9 +98,8 @@ class Engine:
     def stop(self) -> None:
         with self._wakeup:
             self._stopped = True
-            self._wakeup.notify_all()
-        if self._thread.is_alive():
-            self._ran_out.wait(timeout=30)
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
 
     # scheduler
     def _restart_scheduler(self) -> None:
@@ -149,21 +122,14 @@ class Engine:
             batch.fail(failure)
         self._batches.clear()
 
-    def _run(self, token: object, until: threading.Event | None = None) -> None:
-        """The loop, while `token` is the driver's: it returns, leaving running batches, when another loop
-        takes over or `until` is set; when the engine stops it fails what is left."""
-        def handed_over() -> bool:
-            return self._driver is not token or (until is not None and until.is_set())
+    def _run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._stopped and not handed_over() and not self._pending and not self._batches:
-                        # the main thread polls: a signal handler sets `until` without notifying
-                        self._wakeup.wait(0.5 if until is not None else None)
+                    while not self._stopped and not self._pending and not self._batches:
+                        self._wakeup.wait()
                     if self._stopped:
                         break
-                    if handed_over():
-                        return
                 try:
                     self._schedule_once()
                 except Exception as error:  # noqa: BLE001 - a scheduler bug fails what runs, not the service
@@ -173,7 +139,6 @@ class Engine:
         self._fail_running(Unavailable("the generation engine stopped"))
         for pending in self._pending:
             pending.handle.push(Unavailable("the generation engine stopped"))
-        self._ran_out.set()
 
     def _schedule_once(self) -> None:
         """Admits waiting requests, then decodes one token for every running batch."""

@@ -64,14 +64,65 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[to
     return tokens, scaled.gather(1, tokens[:, None])[:, 0] - normaliser
 
 
+# The most likely tokens looked at first for top-k and top-p, fewer first: a row whose cut lies among them
+# (top-k up to that many, or a top-p mass they reach) needs no sort of the whole vocabulary. At T=0.8 and
+# top_p 0.95 SmolLM2's rows nearly always settle among the first 1,024 (measured: all 10,745 of 3 MBPP prompts x
+# 30 samples). Sorting all 49,152 logits of 30 rows took 66 ms, more than the decode step's 40 layers; the top
+# 64 take 1.6 ms and the top 1,024 8 ms (2 cores). Rows that no candidate count settles are sorted whole.
+CANDIDATES = (64, 1024)
+
+
 def top_k_top_p(scaled: torch.Tensor, settings: Sequence[Sampling]) -> torch.Tensor:
     """Sets to -inf every logit outside its row's top-k and top-p (the most likely token always stays)."""
+    vocab = scaled.shape[1]
+    top_k = torch.tensor([s.top_k or vocab for s in settings], device=scaled.device)
+    top_p = torch.tensor([s.top_p for s in settings], device=scaled.device)
+    uncut = (top_k >= vocab) & (top_p >= 1.0)   # a row of a batch whose other rows cut
+    whole_normaliser = torch.logsumexp(scaled, dim=-1)
+    # the first count sees every row (no gather of [rows, vocab]); later ones only the rows left
+    rows, kept = None, None
+    for count in CANDIDATES:
+        part = scaled if rows is None else scaled[rows]
+        pick = slice(None) if rows is None else rows
+        settled, values, order = _cut_among(part, top_k[pick], top_p[pick], whole_normaliser[pick], min(count, vocab))
+        block = torch.full_like(part, float("-inf")).scatter_(1, order, values)
+        if rows is None:
+            kept, left = block, ~settled & ~uncut
+            rows = left.nonzero()[:, 0]
+        else:
+            kept[rows[settled]] = block[settled]
+            rows = rows[~settled]
+        if not len(rows):
+            break
+    else:
+        kept[rows] = _sorted_top_k_top_p(scaled[rows], top_k[rows], top_p[rows])
+    if bool(uncut.any()):
+        kept[uncut] = scaled[uncut]
+    return kept
+
+
+def _cut_among(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, whole_normaliser: torch.Tensor,
+               count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cut within each row's `count` most likely tokens: (settled rows, their kept values (-inf for the
+    cut ones), their token ids)."""
+    values, order = scaled.topk(count, dim=-1)
+    ranks = torch.arange(count, device=scaled.device)
+    values = values.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    # top-p works on the distribution top-k left: the candidates' when top-k cut among them, else the whole row's
+    within = top_k <= count
+    normaliser = torch.where(within, torch.logsumexp(values, dim=-1), whole_normaliser)
+    probs = (values - normaliser[:, None]).exp()
+    mass = probs.cumsum(dim=-1)
+    values = values.masked_fill(mass - probs >= top_p[:, None], float("-inf"))
+    # the first token after the candidates has their whole mass before it: it is cut only when that reaches top_p
+    return within | (mass[:, -1] >= top_p), values, order
+
+
+def _sorted_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     values, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(values.shape[1], device=values.device)
-    top_k = torch.tensor([s.top_k or values.shape[1] for s in settings], device=values.device)
     values = values.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
     probs = values.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    top_p = torch.tensor([s.top_p for s in settings], device=values.device)
     values = values.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.full_like(scaled, float("-inf")).scatter(1, order, values)

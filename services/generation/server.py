@@ -91,9 +91,6 @@ class GenerationService(Service):
             self.http.stop()
         self.backend.close()
 
-    def lend_main_thread(self, stopping) -> None:
-        self.backend.lend_main_thread(stopping)
-
 
 def build_server(port: int | None = None, *, backend: Backend | None = None,
                  settings: GenerationConfig | None = None) -> Server:
