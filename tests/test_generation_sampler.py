@@ -62,18 +62,20 @@ def test_the_candidate_cut_keeps_what_sorting_the_whole_vocabulary_keeps():
     vocab = 49_152
     peaked = torch.randn(4, vocab) * 4            # top_p 0.95 falls among the candidates
     flat = torch.randn(2, vocab) * 0.1            # it does not: sorted whole
-    logits = torch.cat([peaked, flat])
+    logits = torch.cat([peaked, flat, peaked[:1]])
+    # the last row: top-p over the 300 tokens top-k leaves, not over the whole row
     settings = [Sampling(top_p=0.95), Sampling(top_k=50), Sampling(top_k=3 * 1024), Sampling(),
-                Sampling(top_p=0.95), Sampling(top_k=20, top_p=0.5)]
+                Sampling(top_p=0.95), Sampling(top_k=20, top_p=0.5), Sampling(top_k=300, top_p=0.6)]
     kept = top_k_top_p(logits, settings)
     top_k = torch.tensor([s.top_k or vocab for s in settings])
     expected = _sorted_top_k_top_p(logits, top_k, torch.tensor([s.top_p for s in settings]))
-    cut = [0, 1, 2, 4, 5]   # row 3 cuts nothing; sorted, its float32 running mass reached 1 early and cut a tail
+    cut = [0, 1, 2, 4, 5, 6]   # row 3 cuts nothing; sorted, its float32 running mass reached 1 early and cut a tail
     assert torch.equal(torch.isfinite(kept[cut]), torch.isfinite(expected[cut]))
     assert torch.equal(kept[cut][torch.isfinite(kept[cut])], expected[cut][torch.isfinite(expected[cut])])
     counts = torch.isfinite(kept).sum(dim=-1).tolist()
     assert counts[1] == 50 and counts[2] == 3 * 1024 and counts[3] == vocab and counts[5] <= 20
     assert 0 < counts[0] < 1024 and counts[4] > 1024   # one settled by the candidates, one sorted
+    assert counts[6] < counts[0] and counts[6] <= 300
 
 
 def test_repetition_penalty_applies_to_prompt_and_generated_tokens():

@@ -108,14 +108,15 @@ def _cut_among(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, w
     values, order = scaled.topk(count, dim=-1)
     ranks = torch.arange(count, device=scaled.device)
     values = values.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    # top-p works on the distribution top-k left: the candidates' when top-k cut among them, else the whole row's
-    within = top_k <= count
+    # top-p works on the distribution top-k left: the candidates' when top-k cut among them, the whole row's when
+    # top-k is off; a top-k beyond the candidates leaves a distribution they cannot normalise, so such a row waits
+    within, whole = top_k <= count, top_k >= scaled.shape[1]
     normaliser = torch.where(within, torch.logsumexp(values, dim=-1), whole_normaliser)
     probs = (values - normaliser[:, None]).exp()
     mass = probs.cumsum(dim=-1)
     values = values.masked_fill(mass - probs >= top_p[:, None], float("-inf"))
     # the first token after the candidates has their whole mass before it: it is cut only when that reaches top_p
-    return within | (mass[:, -1] >= top_p), values, order
+    return within | (whole & (mass[:, -1] >= top_p)), values, order
 
 
 def _sorted_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
