@@ -79,21 +79,19 @@ def top_k_top_p(scaled: torch.Tensor, settings: Sequence[Sampling]) -> torch.Ten
     top_p = torch.tensor([s.top_p for s in settings], device=scaled.device)
     uncut = (top_k >= vocab) & (top_p >= 1.0)   # a row of a batch whose other rows cut
     whole_normaliser = torch.logsumexp(scaled, dim=-1)
-    # the first count sees every row (no gather of [rows, vocab]); later ones only the rows left
-    rows, kept = None, None
+    # the first count sees every row as they are (no gather of [rows, vocab]); later ones only the rows left
+    rows, part, kept = torch.arange(len(settings), device=scaled.device), scaled, None
     for count in CANDIDATES:
-        part = scaled if rows is None else scaled[rows]
-        pick = slice(None) if rows is None else rows
-        settled, values, order = _cut_among(part, top_k[pick], top_p[pick], whole_normaliser[pick], min(count, vocab))
+        settled, values, order = _cut_among(part, top_k[rows], top_p[rows], whole_normaliser[rows], min(count, vocab))
         block = torch.full_like(part, float("-inf")).scatter_(1, order, values)
-        if rows is None:
-            kept, left = block, ~settled & ~uncut
-            rows = left.nonzero()[:, 0]
+        if kept is None:
+            kept = block   # every row; the unsettled ones are written again below
         else:
             kept[rows[settled]] = block[settled]
-            rows = rows[~settled]
+        rows = rows[~settled & ~uncut[rows]]
         if not len(rows):
             break
+        part = scaled[rows]
     else:
         kept[rows] = _sorted_top_k_top_p(scaled[rows], top_k[rows], top_p[rows])
     if bool(uncut.any()):
