@@ -98,3 +98,22 @@ def test_a_model_the_decode_step_cannot_run_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
     with pytest.raises(FailedPrecondition, match="Llama-style"):
         decoder_for(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_packed_linear_computes_what_f_linear_does_for_any_row_count(dtype):
+    import torch.nn.functional as F
+
+    from services.generation.decode import PackedLinear
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = (torch.randn(96, 40, generator=generator).to(dtype), torch.randn(96, generator=generator).to(dtype))
+    linear = PackedLinear(weight, bias)
+    assert linear.packed == torch.backends.mkldnn.is_available()
+    for rows in (1, 7, 32, 100):
+        x = torch.randn(rows, 40, generator=generator).to(dtype)
+        expected, got = F.linear(x, weight, bias), linear(x)
+        assert got.dtype == dtype and got.shape == expected.shape
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, expected)   # the same products, rounded once
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

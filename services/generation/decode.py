@@ -7,7 +7,8 @@ hide on a CPU, and its CPU attention kernel is slow for one query in bf16: on Sm
 does the same arithmetic in fewer, larger operations: q, k and v come from one fused matmul, gate
 and up from another, RoPE is one table lookup for q and k together, and attention is plain
 matmuls over the KV cache's shared prompts (kv_cache.py): the queries of all rows of a request
-multiply its prompt's keys at once, a matrix product instead of n vector products.
+multiply its prompt's keys at once, a matrix product instead of n vector products. On a CPU every
+weight is reordered once into oneDNN's blocked layout (PackedLinear), which F.linear redoes at each call.
 
 Supported: transformers' LlamaForCausalLM (SmolLM2, Llama) without dynamic RoPE scaling. The
 prefill still runs through transformers (one long forward pass per request).
@@ -54,13 +55,38 @@ def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     return weight, bias
 
 
+# The row count oneDNN picks its weight layout for; any count runs, with the same results.
+PACKED_FOR_ROWS = 32
+
+
+class PackedLinear:
+    """x @ weight.T + bias. On a CPU with oneDNN, for float32 and bfloat16, the weight is reordered once into
+    oneDNN's blocked layout (as inductor and IPEX do; a copy next to the model's own, which the prefill uses), where
+    F.linear starts from the plain layout at every call. Measured 2026-12-03 on 1 thread, 30 rows, bf16: 576 ->
+    3,072 in 513 instead of 652 us, the 49,152-token output layer in 10.8 instead of 18.4 ms, identical results
+    (float32: the last bits differ, another summation order); a whole decode step 1.35-1.45x faster in both dtypes.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.bias = bias
+        self.packed = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+                       and torch.backends.mkldnn.is_available())
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS) if self.packed \
+            else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class _Layer:
     def __init__(self, layer):
         attention, mlp = layer.self_attn, layer.mlp
-        self.qkv, self.qkv_bias = _fuse(attention.q_proj, attention.k_proj, attention.v_proj)
-        self.o, self.o_bias = attention.o_proj.weight, attention.o_proj.bias
-        self.gate_up, self.gate_up_bias = _fuse(mlp.gate_proj, mlp.up_proj)
-        self.down, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.qkv = PackedLinear(*_fuse(attention.q_proj, attention.k_proj, attention.v_proj))
+        self.o = PackedLinear(attention.o_proj.weight, attention.o_proj.bias)
+        self.gate_up = PackedLinear(*_fuse(mlp.gate_proj, mlp.up_proj))
+        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias)
         self.input_norm, self.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.intermediate = mlp.gate_proj.weight.shape[0]
 
@@ -76,7 +102,7 @@ class Decoder:
         self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim ** -0.5
-        self.embed, self.norm, self.lm_head = inner.embed_tokens.weight, inner.norm.weight, model.lm_head.weight
+        self.embed, self.norm, self.lm_head = inner.embed_tokens.weight, inner.norm.weight, PackedLinear(model.lm_head.weight)
         self.layers = [_Layer(layer) for layer in inner.layers]
         # RoPE as transformers computes it (float32, then the model's dtype), for every position at once
         positions = torch.arange(config.max_position_embeddings, device=self.embed.device)[None]
@@ -93,20 +119,20 @@ class Decoder:
         hidden = F.embedding(tokens, self.embed)
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, (self.hidden,), layer.input_norm, self.eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             qk = qkv[:, :rotated].view(rows, heads + kv_heads, head_dim)
             half = head_dim // 2
             qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
             cache.append(index, qk[:, heads:], qkv[:, rotated:].view(rows, kv_heads, head_dim))
             attended = self._attention(qk[:, :heads], cache, index, groups, mask)
-            hidden = hidden + F.linear(attended, layer.o, layer.o_bias)
+            hidden = hidden + layer.o(attended)
             x = F.rms_norm(hidden, (self.hidden,), layer.post_norm, self.eps)
-            gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)
+            gate_up = layer.gate_up(x)
             activated = F.silu(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:]
-            hidden = hidden + F.linear(activated, layer.down, layer.down_bias)
+            hidden = hidden + layer.down(activated)
         cache.commit()
         hidden = F.rms_norm(hidden, (self.hidden,), self.norm, self.eps)
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
     def _attention(self, queries: torch.Tensor, cache: KVCache, layer: int, groups, mask) -> torch.Tensor:
         """Each row attends to its request's prompt and to its own generated tokens; [rows, heads x head_dim]."""
