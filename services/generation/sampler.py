@@ -38,30 +38,58 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[to
     scaled = logits / temperatures[:, None]
     if any(row.settings.top_k or row.settings.top_p < 1.0 for row in rows):
         scaled = top_k_top_p(scaled, [row.settings for row in rows])
-    # Every pass over [rows, vocab] counts (49,152 columns for SmolLM2): one for the normaliser, one for the
-    # probabilities and one for their running sum; greedy rows need the argmax only.
-    normaliser = torch.logsumexp(scaled, dim=-1)
+    # Every pass over [rows, vocab] counts (49,152 columns for SmolLM2): one for the maximum, one for the
+    # exponentials, one for their block sums; greedy rows need the argmax only.
+    maximum = scaled.amax(dim=-1, keepdim=True)
     sampled = [i for i, row in enumerate(rows) if row.settings.temperature > 0]
-    some_greedy = len(sampled) < len(rows)
-    tokens = scaled.argmax(dim=-1) if some_greedy else None
+    every = len(sampled) == len(rows)
+    if not every:
+        tokens, log_total = scaled.argmax(dim=-1), _log_total(scaled - maximum)
     if sampled:
         # when every row samples, the sampled rows are the batch: no gather
-        index = torch.tensor(sampled, device=logits.device) if some_greedy else None
-        chosen = scaled[index] if some_greedy else scaled
-        cumulative = (chosen - normaliser[sampled, None]).exp_().cumsum_(dim=-1)
+        index = None if every else torch.tensor(sampled, device=logits.device)
+        weights = (scaled - maximum if every else scaled[index] - maximum[index]).exp_()
         uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=logits.device) for i in sampled])
-        picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
-        picked = picked.clamp_(max=logits.shape[1] - 1)
-        # rounding can land on a token of probability 0 (one cut by top-k/top-p) at the end of the row: never
-        # sample one; take the most likely token instead
-        impossible = torch.isinf(chosen.gather(1, picked[:, None])[:, 0])
+        picked, totals = _invert(weights, uniform)
+        # rounding can land on a token of weight 0 (one cut by top-k/top-p) at the end of the row: never sample
+        # one; take the most likely token instead
+        impossible = weights.gather(1, picked[:, None])[:, 0] == 0
         if bool(impossible.any()):
-            picked = torch.where(impossible, chosen.argmax(dim=-1), picked)
-        if some_greedy:
-            tokens[index] = picked
+            picked = torch.where(impossible, weights.argmax(dim=-1), picked)
+        if every:
+            tokens, log_total = picked, totals.log()
         else:
-            tokens = picked
-    return tokens, scaled.gather(1, tokens[:, None])[:, 0] - normaliser
+            tokens[index], log_total[index] = picked, totals.log()
+    return tokens, scaled.gather(1, tokens[:, None])[:, 0] - maximum[:, 0] - log_total
+
+
+def _log_total(shifted: torch.Tensor) -> torch.Tensor:
+    """log sum exp of rows already shifted by their maximum."""
+    return shifted.exp_().sum(dim=-1).log_()
+
+
+# Rows are inverted block by block: the blocks' sums locate the block holding the drawn mass, and only that block
+# is summed token by token. A running sum over the whole row (cumsum) took as long as the exponentials themselves.
+INVERSION_BLOCK = 1024
+
+
+def _invert(weights: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of unnormalised weights [rows, vocab] and one uniform number per row: the token whose cumulative
+    weight first exceeds uniform x the row's total, and the totals."""
+    rows, vocab = weights.shape
+    blocks = -(-vocab // INVERSION_BLOCK)
+    padded = weights if blocks * INVERSION_BLOCK == vocab else \
+        torch.nn.functional.pad(weights, (0, blocks * INVERSION_BLOCK - vocab))
+    block_mass = padded.view(rows, blocks, INVERSION_BLOCK).sum(dim=-1).cumsum_(dim=-1)
+    totals = block_mass[:, -1]
+    target = uniform * totals
+    block = torch.searchsorted(block_mass, target[:, None], right=True)[:, 0].clamp_(max=blocks - 1)
+    before = torch.where(block > 0, block_mass.gather(1, (block - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    columns = block[:, None] * INVERSION_BLOCK + torch.arange(INVERSION_BLOCK, device=weights.device)
+    within = padded.gather(1, columns).cumsum_(dim=-1)
+    # the block's own running sum can end a rounding error short of its sum: stay inside the block
+    offset = torch.searchsorted(within, (target - before)[:, None], right=True)[:, 0].clamp_(max=INVERSION_BLOCK - 1)
+    return (block * INVERSION_BLOCK + offset).clamp_(max=vocab - 1), totals
 
 
 # The most likely tokens looked at first for top-k and top-p, fewer first: a row whose cut lies among them
