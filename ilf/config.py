@@ -61,6 +61,7 @@ def _boolean(text: str) -> bool:
 
 
 BOOL = Kind("bool", _boolean)
+AUTO_BOOL = Kind("auto or bool", lambda text: None if text.strip().lower() == "auto" else _boolean(text))  # None: auto
 TEXT = Kind("text", lambda text: text)
 PORT = integer(0, 65535)
 
@@ -274,11 +275,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("ILF_TRAINING_K8S_CPU", "2", "CPU request of a training Job."),
     Setting("ILF_TRAINING_K8S_MEMORY", "16Gi", "Memory limit of a training Job."),
     Setting("ILF_TRAINER_CHECKPOINT_STEPS", "20", "The trainer checkpoints to the store every this many optimizer steps.", integer(1)),
-    Setting("ILF_TRAINER_MICRO_BATCH_TOKENS", "4096",
+    Setting("ILF_TRAINER_MICRO_BATCH_TOKENS", "2048",
             "Token budget of one forward pass (rows x longest row); optimizer steps accumulate micro-batches.", integer(1)),
-    Setting("ILF_TRAINER_GRADIENT_CHECKPOINTING", "true",
+    Setting("ILF_TRAINER_GRADIENT_CHECKPOINTING", "auto",
             "Recompute each layer's activations during the backward pass instead of keeping them: less memory, "
-            "same gradients.", BOOL),
+            "same gradients, about 1.3x the time. auto: on when a micro-batch's estimated activations exceed a third "
+            "of the memory available after loading (logged).", AUTO_BOOL),
     Setting("ILF_DEVICE", "auto", "torch device for models: auto, cpu or cuda.", choice("auto", "cpu", "cuda")),
     Setting("ILF_DTYPE", "auto", "Model dtype for serving and training: auto (bfloat16 on CUDA and on CPUs with native "
             "bf16 arithmetic, AVX512_BF16 or AMX; else float32), float32, bfloat16 or float16. The trainer keeps float32 "

@@ -186,3 +186,33 @@ def test_bf16_training_follows_the_float32_loss_curve(local_registry, monkeypatc
     assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]
     assert fp32 != bf16  # the products really ran in another precision
     assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 0.02
+
+
+def test_auto_checkpointing_is_off_where_activations_fit_and_on_where_they_would_not(local_registry, monkeypatch):
+    from types import SimpleNamespace
+
+    from trainer import memory
+    from trainer.train import train
+    # SmolLM2-135M's 2,048-token micro-batch: 4.3 GB of bf16 activations, as measured; a 7B-sized model's: 32 GB
+    smollm2, seven_b = SimpleNamespace(num_hidden_layers=30, hidden_size=576), SimpleNamespace(num_hidden_layers=32,
+                                                                                              hidden_size=4096)
+    assert 4.0e9 < memory.activation_bytes(smollm2, 2048, torch.bfloat16) < 4.6e9
+    assert memory.activation_bytes(smollm2, 2048, torch.float32) == 2 * memory.activation_bytes(smollm2, 2048,
+                                                                                                torch.bfloat16)
+    assert not memory.needs_checkpointing(memory.activation_bytes(smollm2, 2048, torch.bfloat16), 16 * 2**30)
+    assert memory.needs_checkpointing(memory.activation_bytes(seven_b, 2048, torch.bfloat16), 64 * 2**30)
+    machine = memory.available_bytes("cpu")
+    total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
+    assert 0 < machine <= total and memory.available_bytes("cpu", processes=2) == machine // 2
+
+    # the trainer decides, says so, and records it: the tiny model fits; with almost no memory left it recomputes
+    store = local_registry.store
+    write_spec(store, local_registry, "auto-fits")
+    assert train(store, "auto-fits").metrics["gradient_checkpointing"] is False
+    monkeypatch.setattr(memory, "available_bytes", lambda device, processes=1: 1024)
+    write_spec(store, local_registry, "auto-tight")
+    record = train(store, "auto-tight")
+    assert record.metrics["gradient_checkpointing"] is True
+    assert any("gradient checkpointing on (auto:" in line for line in store.get_json("runs/auto-tight/progress.json")["log"])
+    write_spec(store, local_registry, "explicit-off")   # a setting of true or false is followed as it is
+    assert train(store, "explicit-off", gradient_checkpointing=False).metrics["gradient_checkpointing"] is False

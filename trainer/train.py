@@ -23,7 +23,7 @@ from ilf.errors import InvalidArgument
 from ilf.registry import ModelVersion, Registry
 from ilf.store import ArtifactStore
 from ilf.training_spec import Hyperparameters, RunSpec
-from trainer import data
+from trainer import data, memory
 from trainer.distributed import ParallelLoss, World, step_passes
 from trainer.dropout import quarter_lora_dropout
 
@@ -177,9 +177,11 @@ def save_loss_curve(losses: list[float], path: Path) -> None:
     plt.close(figure)
 
 
-def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micro_batch_tokens: int = 4096,
-          gradient_checkpointing: bool = True, world: World = World()) -> ModelVersion | None:
-    """Trains the run and registers its model; under torchrun, every rank calls this and rank 0 returns the model."""
+def train(store: ArtifactStore, run_id: str, *, checkpoint_every: int = 20, micro_batch_tokens: int = 2048,
+          gradient_checkpointing: bool | None = None, world: World = World()) -> ModelVersion | None:
+    """Trains the run and registers its model; under torchrun, every rank calls this and rank 0 returns the model.
+
+    gradient_checkpointing None: on only when a micro-batch's activations would not fit comfortably (memory.py)."""
     registry = Registry(store)
     spec = RunSpec.from_json(store.get_json(f"{run_prefix(run_id)}/spec.json"))
     progress = Progress(store, run_id, writes=world.is_writer)
@@ -222,6 +224,16 @@ def _train(store, registry, spec: RunSpec, progress, checkpoint_every, micro_bat
     if dropped:
         log.warning("dropped %d records whose completion starts beyond max_seq_len", dropped)
 
+    compute_dtype = training_compute_dtype(loaded.device)
+    activations = memory.activation_bytes(loaded.model.config, micro_batch_tokens, compute_dtype)
+    if gradient_checkpointing is None:
+        available = memory.available_bytes(loaded.device, world.size)
+        # every rank does what the first decides, so that they run the same passes
+        gradient_checkpointing = world.from_writer(memory.needs_checkpointing(activations, available))
+        decided = f" (auto: about {activations / 2**30:.1f} GiB of activations per micro-batch of {micro_batch_tokens} " \
+                  f"tokens, {available / 2**30:.1f} GiB available)"
+    else:
+        decided = ""
     model = prepare_model(loaded, hp, gradient_checkpointing)
     parallel = ParallelLoss(CompletionLoss(model), world, shard=hp.method == "full", device=loaded.device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding, which swaps the parameters
@@ -236,12 +248,11 @@ def _train(store, registry, spec: RunSpec, progress, checkpoint_every, micro_bat
     if resumed:
         state = dict(resumed)
         log.info("resumed from the checkpoint at step %d/%d", state["step"], total_steps)
-    compute_dtype = training_compute_dtype(loaded.device)
     log.info("%s fine-tuning: %d examples, %d steps of %d, %d trainable parameters, compute %s (float32 weights), "
-             "gradient checkpointing %s%s",
+             "gradient checkpointing %s%s%s",
              hp.method, len(examples), total_steps, hp.batch_size, sum(p.numel() for p in trainable),
              modeling.dtype_name(compute_dtype),
-             "on" if gradient_checkpointing else "off",
+             "on" if gradient_checkpointing else "off", decided,
              f", {world.size} processes ({'FSDP' if parallel.sharded else 'DDP'})" if world.size > 1 else "")
 
     device, pad_id = loaded.device, tokenizer.pad_token_id
@@ -293,7 +304,8 @@ def _train(store, registry, spec: RunSpec, progress, checkpoint_every, micro_bat
                "steps": total_steps, "examples": len(examples), "dropped_examples": dropped, "tokens": tokens,
                "train_seconds": train_seconds, "tokens_per_second": tokens / max(train_seconds, 1e-9),
                "resumed_at_step": first_step if resumed else None, "processes": world.size,
-               "compute_dtype": modeling.dtype_name(compute_dtype)}
+               "compute_dtype": modeling.dtype_name(compute_dtype), "gradient_checkpointing": gradient_checkpointing,
+               "micro_batch_tokens": micro_batch_tokens}
     progress.update(phase="saving", force=True)
     # Sharded weights are gathered into rank 0's memory, with every rank taking part; then the others are done.
     weights = _full_weights(model) if parallel.sharded else None
