@@ -225,8 +225,8 @@ def _train(store, registry, spec: RunSpec, progress, checkpoint_every, micro_bat
         log.warning("dropped %d records whose completion starts beyond max_seq_len", dropped)
 
     compute_dtype = training_compute_dtype(loaded.device)
-    activations = memory.activation_bytes(loaded.model.config, micro_batch_tokens, compute_dtype)
     if gradient_checkpointing is None:
+        activations = memory.activation_bytes(loaded.model.config, micro_batch_tokens, compute_dtype)
         available = memory.available_bytes(loaded.device, world.size)
         # every rank does what the first decides, so that they run the same passes
         gradient_checkpointing = world.from_writer(memory.needs_checkpointing(activations, available))

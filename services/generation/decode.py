@@ -8,7 +8,7 @@ does the same arithmetic in fewer, larger operations: q, k and v come from one f
 and up from another, RoPE is one table lookup for q and k together, and attention is plain
 matmuls over the KV cache's shared prompts (kv_cache.py): the queries of all rows of a request
 multiply its prompt's keys at once, a matrix product instead of n vector products. On a CPU every
-weight is reordered once into oneDNN's blocked layout (PackedLinear), which F.linear redoes at each call.
+weight is reordered once into oneDNN's blocked layout (PackedLinear); F.linear starts from the plain layout.
 
 Supported: transformers' LlamaForCausalLM (SmolLM2, Llama) without dynamic RoPE scaling. The
 prefill still runs through transformers (one long forward pass per request).
