@@ -18,10 +18,11 @@ import grpc
 from tqdm import tqdm
 
 from ilf import data, tasksets
+from ilf.registry import Registry
 from ilf.store import ArtifactStore
 from ilf.v1 import feedback_pb2, generation_pb2
 from loop.clients import Clients
-from loop.evaluation import evaluate, evaluation_tasks
+from loop.evaluation import LONG_CALL_S, evaluate, evaluation_tasks
 from loop.methods import (FEEDBACK_SHOTS, fine_tune, ilf_round_on_own_failures, model_feedback_params,
                           rejection_sampling_records)
 from loop.report import chart, ks_of, markdown_table as results_table, publish, summary
@@ -54,7 +55,20 @@ def label(method: str) -> str:
     return LABELS[method]
 
 
-def model_feedback_items(clients: Clients, notes: list[data.Annotation], settings: RoundSettings):
+def comparison_base(clients: Clients, store: ArtifactStore) -> tuple[str, str]:
+    """(the base model of the version the generation service serves, that serving version).
+
+    Every method starts from the base model, not from whatever the channel serves: a store where an earlier round
+    promoted a fine-tuned version would otherwise call that version "zero-shot"."""
+    serving = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
+    base = Registry(store).chain(serving)[-1].version
+    if base != serving:
+        tqdm.write(f"the generation service serves {serving}; the comparison starts from its base model {base}")
+        clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=base), timeout=LONG_CALL_S)
+    return base, serving
+
+
+def model_feedback_items(clients: Clients, notes: list[data.Annotation], settings: RoundSettings, model_version: str):
     """The annotated failing programs with feedback written by the generation model (2-shot).
 
     Returns the items and how many programs the model wrote no feedback for.
@@ -64,7 +78,7 @@ def model_feedback_items(clients: Clients, notes: list[data.Annotation], setting
         try:
             record = clients.feedback.GenerateFeedback(feedback_pb2.GenerateFeedbackRequest(
                 task_id=note.task_id, program=note.failing_program, shots=FEEDBACK_SHOTS,
-                params=model_feedback_params(settings)), timeout=1800)
+                params=model_feedback_params(settings), model_version=model_version), timeout=1800)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.FAILED_PRECONDITION:  # the model wrote only whitespace
                 raise
@@ -83,10 +97,10 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
     mbpp = tasksets.mbpp()
     tasks = evaluation_tasks(mbpp, settings)
     notes = data.annotations("train")[: settings.train_tasks or None]
-    base = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
+    base, serving = comparison_base(clients, store)
     requested = [m for m in methods if m != "ilf-rounds"] + (
         [f"ilf-round-{2 + r}" for r in range(rounds)] if "ilf-rounds" in methods else [])
-    report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base,
+    report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base, "serving_version": serving,
               "eval_task_ids": [t.task_id for t in tasks], "methods_requested": requested, "methods": {}}
     refiner, trained = None, {}
     prefix = f"reports/{tag}"
@@ -107,7 +121,7 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             else:
                 refiner = report["refiner"] = refiner or train_refiner(clients, store, settings, tag)
                 items, silent = (training_feedback(clients, store, settings, base)[0], 0) if method == "ilf" \
-                    else model_feedback_items(clients, notes, settings)
+                    else model_feedback_items(clients, notes, settings, base)
                 records, row["data"] = refine_and_filter(clients, mbpp, items, settings) if items else ([], {})
                 row["data"].update(tasks=len(notes), no_feedback_written=silent)
             if not records:
@@ -167,7 +181,10 @@ def markdown_table(report: dict) -> str:
         "paper pass@1 / pass@10": lambda row: "{:.2f} / {:.2f}".format(*PAPER[row["method"]])
         if row["method"] in PAPER else "",
         "training data": _data_cell})
-    lines += ["", f"Base model `{report['base_model_version']}`; {len(report['eval_task_ids'])} "
+    served = report.get("serving_version", report["base_model_version"])
+    lines += ["", f"Base model `{report['base_model_version']}`"
+                  + (f" (the service served `{served}`)" if served != report["base_model_version"] else "")
+                  + f"; {len(report['eval_task_ids'])} "
                   f"{tasksets.mbpp().split_label(s['eval_split'])} tasks, "
                   f"{s['eval_samples']} sample(s) per task at temperature {s['eval_temperature']}, "
                   f"max {s['max_new_tokens']} new tokens, seeds from {s['seed']}; "

@@ -114,3 +114,19 @@ def test_a_comparison_without_ilf_starts_the_rounds_from_the_base_model_and_stop
     assert "nothing to fine-tune" in rows["ilf-round-2"]["outcome"]
     assert rows["ilf-round-3"] == {"outcome": "not run: the previous round trained nothing"}
     assert "3: not trained" in report["markdown"]
+
+
+def test_a_comparison_on_a_store_serving_a_fine_tuned_version_starts_from_its_base_model(system):
+    """`ilf reproduce` on a store where a round promoted a candidate: zero-shot is still the base model."""
+    store, clients = system
+    base = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest()).serving_version
+    tuned = next(v.version for v in Registry(store).list()
+                 if v.base_version == base and v.lineage.get("purpose") == "generation")
+    clients.generation.SwitchModel(generation_pb2.SwitchModelRequest(model_version=tuned), timeout=120)
+    try:
+        report = reproduce(RoundSettings(**SMALL), clients, store, methods=("zero-shot",))
+    finally:
+        clients.generation.SwitchModel(generation_pb2.SwitchModelRequest(model_version=base), timeout=120)
+    assert (report["base_model_version"], report["serving_version"]) == (base, tuned)
+    assert report["methods"]["zero-shot"]["model_version"] == base
+    assert f"Base model `{base}` (the service served `{tuned}`)" in report["markdown"]
