@@ -32,3 +32,13 @@ def bootstrap_interval(results: dict[int, tuple[int, int]], k: int, *, resamples
     means = scores[rng.integers(0, len(scores), size=(resamples, len(scores)))].mean(axis=1)
     alpha = (1 - level) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def paired_difference(a: dict[int, tuple[int, int]], b: dict[int, tuple[int, int]], k: int, *,
+                      resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean pass@k of a minus b over the same tasks, with a percentile bootstrap 95% interval (tasks resampled
+    together, so the pairing is kept)."""
+    tasks = sorted(a)
+    diff = np.array([pass_at_k(*a[t], k) - pass_at_k(*b[t], k) for t in tasks])
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))

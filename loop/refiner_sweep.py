@@ -187,16 +187,6 @@ def one_shot_evaluation(clients: Clients, items: list[FeedbackItem], feedback: l
     return scored(version, results, refiner_ks(settings.refine_samples))
 
 
-def paired_difference(a: dict[int, tuple[int, int]], b: dict[int, tuple[int, int]], k: int, *,
-                      resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean pass@k of a minus b over the same tasks, with a percentile bootstrap 95% interval (tasks resampled
-    together, so the pairing is kept)."""
-    tasks = sorted(a)
-    diff = np.array([passk.pass_at_k(*a[t], k) - passk.pass_at_k(*b[t], k) for t in tasks])
-    means = diff[np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def feedback_ablation(settings: RoundSettings, clients: Clients, store: ArtifactStore) -> dict:
     """1-shot refinement without fine-tuning by the generation service's serving model, with each task's own
     feedback vs another task's (a seeded derangement), on the same tasks, failing programs and seeds."""
@@ -213,7 +203,7 @@ def feedback_ablation(settings: RoundSettings, clients: Clients, store: Artifact
         evaluations[name] = one_shot_evaluation(clients, items, feedback, settings, model, f"1-shot, {name} feedback")
         report["rows"][name] = {"label": f"1-shot, {name} feedback", **summary(evaluations[name])}
     ks = refiner_ks(settings.refine_samples)
-    report["difference"] = {str(k): paired_difference(evaluations["right"].results, evaluations["shuffled"].results, k)
+    report["difference"] = {str(k): passk.paired_difference(evaluations["right"].results, evaluations["shuffled"].results, k)
                             for k in ks}
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     s = settings

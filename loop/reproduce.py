@@ -17,7 +17,7 @@ import time
 import grpc
 from tqdm import tqdm
 
-from ilf import data, tasksets
+from ilf import data, passk, tasksets
 from ilf.registry import Registry
 from ilf.store import ArtifactStore
 from ilf.v1 import feedback_pb2, generation_pb2
@@ -133,7 +133,7 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             trained[method] = run.output_model_version
             evaluation = evaluate(clients, tasks, settings, run.output_model_version, label=f"evaluate {method}")
             row.update(run_id=run.run_id, final_loss=run.progress.loss)
-        row.update(summary(evaluation))
+        row.update(evaluated(evaluation))
         report["methods"][method] = row
         _publish(report, store, prefix, started)
     report["complete"] = True
@@ -155,14 +155,32 @@ def _rounds(report: dict, settings: RoundSettings, clients: Clients, store: Arti
         row, model = ilf_round_on_own_failures(clients, store, settings, model, f"{report['id']}-{method}",
                                                train_task_ids)
         if model:
-            row.update(summary(evaluate(clients, tasks, settings, model, label=f"evaluate {method}")))
+            row.update(evaluated(evaluate(clients, tasks, settings, model, label=f"evaluate {method}")))
         report["methods"][method] = row
         _publish(report, store, prefix, started)
+
+
+def evaluated(evaluation) -> dict:
+    """A method's row: pass@k with intervals, and (samples, passing samples) per task for paired comparisons."""
+    return {**summary(evaluation), "per_task": {str(t): list(nc) for t, nc in sorted(evaluation.results.items())}}
+
+
+def ilf_differences(report: dict) -> dict:
+    """ILF (human feedback) minus every other evaluated row: per k, the mean difference of pass@k over the same
+    tasks and seeds with its paired bootstrap 95% interval."""
+    rows = {m: row for m, row in report["methods"].items() if "per_task" in row}
+    if "ilf" not in rows:
+        return {}
+    ilf = {int(t): tuple(nc) for t, nc in rows["ilf"]["per_task"].items()}
+    return {method: {k: list(passk.paired_difference(ilf, {int(t): tuple(nc) for t, nc in row["per_task"].items()},
+                                                     int(k))) for k in rows["ilf"]["pass_at"]}
+            for method, row in rows.items() if method != "ilf"}
 
 
 def _publish(report: dict, store: ArtifactStore, prefix: str, started: float) -> None:
     """Writes the results so far, so an interrupted run keeps every method it finished."""
     report.setdefault("complete", False)
+    report["ilf_minus"] = ilf_differences(report)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     report["markdown"] = markdown_table(report)
     publish(store, prefix, report, bar_chart(report))
@@ -194,6 +212,12 @@ def markdown_table(report: dict) -> str:
                   f"{report['wall_seconds']:.0f} s."]
     if not report.get("complete", True):
         lines.append(f"Partial: {len(report['methods'])} of {len(report['methods_requested'])} methods done so far.")
+    if report.get("ilf_minus"):
+        lines.append("ILF (human feedback) minus each row, paired over the same tasks and seeds (mean difference "
+                     "[95% bootstrap interval]): " + "; ".join(
+                         f"{label(method)}: " + ", ".join(f"pass@{k} {d:+.3f} [{low:+.2f}, {high:+.2f}]"
+                                                          for k, (d, low, high) in by_k.items())
+                         for method, by_k in report["ilf_minus"].items()) + ".")
     if "refiner" in report:
         lines.append(f"pi_Refine: `{report['refiner']['model_version']}` trained on "
                      f"{report['refiner']['examples']} MBPP_Refine triples (LoRA rank {s['refiner_lora_rank']}, "

@@ -30,6 +30,18 @@ def test_mean_and_bootstrap():
     assert passk.bootstrap_interval({1: (4, 2)}, 1) == (0.5, 0.5)
 
 
+def test_a_paired_difference_keeps_the_pairing_of_tasks():
+    # b solves one more sample than a on every task: the difference is -0.1 on every resample, an interval of zero
+    # width, where two unpaired intervals of such spread-out tasks would overlap widely
+    a = {t: (10, t % 10) for t in range(50)}
+    b = {t: (10, t % 10 + 1) for t in range(50)}
+    assert passk.paired_difference(a, b, 1) == pytest.approx((-0.1, -0.1, -0.1))
+    assert passk.paired_difference(a, a, 1) == (0.0, 0.0, 0.0)
+    mixed = {t: (10, t % 10 + (1 if t % 2 else -1) * (0 < t % 10 < 9)) for t in range(50)}
+    difference, low, high = passk.paired_difference(mixed, a, 1)
+    assert low < difference < high and abs(difference) < 0.02
+
+
 def test_splits_follow_the_paper():
     assert [len(data.split_tasks(s)) for s in ("prompt", "test", "refine", "train")] == [10, 100, 200, 664]
     assert data.split_of(11) == "test" and data.split_of(110) == "test" and data.split_of(311) == "train"

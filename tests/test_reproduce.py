@@ -11,6 +11,7 @@ from ilf.registry import Registry
 from ilf.store import open_store
 from ilf.v1 import feedback_pb2, generation_pb2, refinement_pb2
 from loop.clients import Clients
+from loop.refiner_sweep import feedback_ablation, grid, refiner_sweep
 from loop.reproduce import METHODS, reproduce
 from loop.settings import RoundSettings
 from memorizing_model import MODEL_FEEDBACK, build_memorizing_model
@@ -59,6 +60,15 @@ def test_the_whole_comparison_trains_every_method_and_two_more_rounds(system):
             low, high = row["interval95"][k]
             assert low <= value <= high
     assert list(rows["zero-shot"]["pass_at"]) == ["1"]  # 2 samples per task: pass@1 only
+    # per-task counts behind each row, and ILF against every other row, paired over the same tasks
+    assert {m: sorted(rows[m]["per_task"]) for m in expected} == {m: ["11", "12"] for m in expected}
+    assert all(sum(c for _, c in rows[m]["per_task"].values()) / 4 == rows[m]["pass_at"]["1"] for m in expected)
+    assert sorted(report["ilf_minus"]) == sorted(m for m in expected if m != "ilf")
+    for method, by_k in report["ilf_minus"].items():
+        difference, low, high = by_k["1"]
+        assert difference == pytest.approx(rows["ilf"]["pass_at"]["1"] - rows[method]["pass_at"]["1"])
+        assert low <= difference <= high
+    assert "ILF (human feedback) minus each row, paired" in report["markdown"]
 
     # ILF: pi_Refine (its own hyperparameters) repaired the paper's failing programs given the paper's feedback
     refiner = Registry(store).get(report["refiner"]["model_version"])
@@ -130,3 +140,31 @@ def test_a_comparison_on_a_store_serving_a_fine_tuned_version_starts_from_its_ba
     assert (report["base_model_version"], report["serving_version"]) == (base, tuned)
     assert report["methods"]["zero-shot"]["model_version"] == base
     assert f"Base model `{base}` (the service served `{tuned}`)" in report["markdown"]
+
+
+def test_the_refiner_sweep_scores_the_untrained_and_each_trained_refiner_and_restores_what_was_served(system):
+    store, clients = system
+    serving = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest()).serving_version
+    (config,) = grid([1], [44], [1e-9], [8])
+    report = refiner_sweep(RoundSettings(**SMALL), clients, store, [config])
+    rows = report["rows"]
+    assert list(rows) == ["base", config.key] and report["complete"] and report["best"] == config.key
+    assert rows[config.key]["steps"] == 1 and rows[config.key]["config"]["lora_rank"] == 8
+    # the model repairs both annotated tasks it knows, with or without the negligible fine-tune
+    assert rows["base"]["pass_at"] == rows[config.key]["pass_at"] == {"1": 1.0}
+    assert "Best by the objective (then pass@1): LoRA r8, lr 1e-09, 1 epochs of batch 44 (1 steps)" in report["markdown"]
+    assert clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest()).serving_version == serving
+    assert store.get(f"{report['artifacts']}/results.png")[:4] == b"\x89PNG"
+
+
+def test_the_feedback_ablation_pairs_right_and_shuffled_feedback_on_the_same_tasks(system):
+    store, clients = system
+    report = feedback_ablation(RoundSettings(**SMALL), clients, store)
+    serving = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest()).serving_version
+    assert report["model_version"] == serving and list(report["rows"]) == ["right", "shuffled"]
+    assert report["task_ids"] == [a.task_id for a in data.annotations("train")[:2]]
+    difference, low, high = report["difference"]["1"]
+    rows = report["rows"]
+    assert difference == pytest.approx(rows["right"]["pass_at"]["1"] - rows["shuffled"]["pass_at"]["1"])
+    assert low <= difference <= high
+    assert "| right minus shuffled |" in report["markdown"]
