@@ -59,12 +59,12 @@ def comparison_base(clients: Clients, store: ArtifactStore) -> tuple[str, str]:
     """(the base model of the version the generation service serves, that serving version).
 
     Every method starts from the base model, not from whatever the channel serves: a store where an earlier round
-    promoted a fine-tuned version would otherwise call that version "zero-shot"."""
+    promoted a fine-tuned version would otherwise call that version "zero-shot". Each method loads the base next to
+    the serving version again before it samples from it."""
     serving = clients.generation.GetModelStatus(generation_pb2.GetModelStatusRequest(), timeout=60).serving_version
     base = Registry(store).chain(serving)[-1].version
     if base != serving:
         tqdm.write(f"the generation service serves {serving}; the comparison starts from its base model {base}")
-        clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=base), timeout=LONG_CALL_S)
     return base, serving
 
 
@@ -110,6 +110,8 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
                     rounds, prefix, started)
             continue
         row: dict = {}
+        if base != serving:  # loaded again (cheap when still loaded): the service may have unloaded it for candidates
+            clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=base), timeout=LONG_CALL_S)
         if method == "zero-shot":
             evaluation = evaluate(clients, tasks, settings, base, label="evaluate zero-shot")
         else:
