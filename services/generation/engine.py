@@ -105,8 +105,8 @@ class Engine:
     def _restart_scheduler(self) -> None:
         """Replaces a scheduler thread that died: its running samples fail, waiting requests are kept."""
         log.error("the generation scheduler thread had died; starting a new one")
+        self.scheduler_restarts += 1   # counted before the failed requests return, so their callers see it
         self._fail_running(Unavailable("the generation scheduler died during this request; retry"))
-        self.scheduler_restarts += 1
         self._thread = self._start_scheduler()
 
     def _watch_scheduler(self, interval_s: float = 0.5) -> None:
