@@ -170,13 +170,13 @@ def evaluated(evaluation) -> dict:
 def ilf_differences(report: dict) -> dict:
     """ILF (human feedback) minus every other evaluated row: per k, the mean difference of pass@k over the same
     tasks and seeds with its paired bootstrap 95% interval."""
-    rows = {m: row for m, row in report["methods"].items() if "per_task" in row}
-    if "ilf" not in rows:
+    counts = {m: {int(t): tuple(nc) for t, nc in row["per_task"].items()}
+              for m, row in report["methods"].items() if "per_task" in row}
+    if "ilf" not in counts:
         return {}
-    ilf = {int(t): tuple(nc) for t, nc in rows["ilf"]["per_task"].items()}
-    return {method: {k: list(passk.paired_difference(ilf, {int(t): tuple(nc) for t, nc in row["per_task"].items()},
-                                                     int(k))) for k in rows["ilf"]["pass_at"]}
-            for method, row in rows.items() if method != "ilf"}
+    ks = report["methods"]["ilf"]["pass_at"]
+    return {method: {k: list(passk.paired_difference(counts["ilf"], per_task, int(k))) for k in ks}
+            for method, per_task in counts.items() if method != "ilf"}
 
 
 def _publish(report: dict, store: ArtifactStore, prefix: str, started: float) -> None:
@@ -201,7 +201,7 @@ def markdown_table(report: dict) -> str:
         "paper pass@1 / pass@10": lambda row: "{:.2f} / {:.2f}".format(*PAPER[row["method"]])
         if row["method"] in PAPER else "",
         "training data": _data_cell})
-    served = report.get("serving_version", report["base_model_version"])
+    served = report["serving_version"]
     lines += ["", f"Base model `{report['base_model_version']}`"
                   + (f" (the service served `{served}`)" if served != report["base_model_version"] else "")
                   + f"; {len(report['eval_task_ids'])} "
