@@ -52,6 +52,15 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (none where it cannot be read: not Linux)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether the CPU multiplies bf16 natively (AVX512_BF16 or AMX), read from /proc/cpuinfo.
 
@@ -59,11 +68,7 @@ def cpu_has_bf16() -> bool:
     torch 2.13, 2 threads); without it torch emulates bf16, no faster than fp32. The flags decide rather than a
     timing at start-up because on a shared machine a neighbour's load swings such timings by 10x (measured).
     """
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: no way to tell, keep float32
-        flags = set()
-    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    found = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
     log.info("CPU bf16 flags: %s; ILF_DTYPE=auto picks %s on the CPU", found or "none",
              "bfloat16" if found else "float32")
     return bool(found)

@@ -142,6 +142,62 @@ def test_full_queue_is_resource_exhausted(base_model):
         engine.stop()
 
 
+def test_the_engine_trims_the_heap_once_when_it_falls_idle(base_model):
+    from services.generation.allocator import Trimmer
+    engine = Engine(max_rows=4, max_queue=4, trimmer=Trimmer(interval_s=3600))
+    try:
+        assert engine.trimmer.trims == 0
+        engine.submit(base_model, PROMPT, Sampling(n=2, max_new_tokens=8)).result()
+        deadline = time.monotonic() + 10
+        while engine.trimmer.trims == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)   # idle: no further trims until work comes again
+        assert engine.trimmer.trims == 1
+        engine.submit(base_model, PROMPT, Sampling(n=1, max_new_tokens=4)).result()
+        deadline = time.monotonic() + 10
+        while engine.trimmer.trims == 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.trimmer.trims == 2
+    finally:
+        engine.stop()
+
+
+def test_the_trimmer_waits_its_interval_unless_forced():
+    from services.generation.allocator import Trimmer
+    now = [100.0]
+    trimmer = Trimmer(interval_s=30, clock=lambda: now[0])
+    assert not trimmer.maybe_trim()
+    now[0] += 29
+    assert not trimmer.maybe_trim()
+    now[0] += 2
+    assert trimmer.maybe_trim() and not trimmer.maybe_trim()
+    assert trimmer.maybe_trim(force=True) and trimmer.trims == 2
+
+
+def test_a_trim_hands_a_kept_heap_back_to_the_kernel():
+    """In a fresh process with the service's allocator settings: freed memory stays resident until trimmed."""
+    import subprocess
+    import sys
+    script = """
+import resource, sys
+from services.generation.allocator import Trimmer, keep_freed_memory
+keep_freed_memory()
+def rss_mib():
+    return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() // 2**20
+blocks = [bytearray(b'x' * (1 << 20)) for _ in range(400)]   # 400 MiB, touched
+loaded = rss_mib()
+del blocks[:-1]                                              # the heap's top block stays in use
+kept = rss_mib()
+Trimmer().maybe_trim(force=True)
+print(loaded, kept, rss_mib())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    loaded, kept, trimmed = map(int, out.split())
+    assert kept > loaded - 50, (loaded, kept)        # one arena, no mmap, high threshold: freed pages stay
+    assert trimmed < kept - 300, (kept, trimmed)     # malloc_trim(0) returns them
+
+
 # gRPC API
 def test_generate_n_samples_names_the_version(served):
     server, stub = served

@@ -1,7 +1,6 @@
 """Backends behind one interface: the in-process transformers engine, or a remote TGI server."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -16,6 +15,7 @@ from ilf.modeling import Sample, configure_torch
 from ilf.registry import Registry
 from ilf.sampling import Sampling
 
+from .allocator import keep_freed_memory
 from .config import GenerationConfig
 from . import metrics
 from .engine import Engine
@@ -24,34 +24,6 @@ from .detokenize import cut_at_stop
 from .request import GenerationHandle, TokenEvent, validate, validate_sampling
 
 log = logging.getLogger(__name__)
-
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-
-
-def keep_freed_memory() -> None:
-    """Makes glibc reuse freed memory instead of handing every large block back to the kernel.
-
-    A decode step allocates and frees tensors of tens of MB; served by a fresh mmap each time (or
-    by a per-thread arena that is trimmed again), they page-faulted about 180,000 times per step at
-    16 rows x 1,000 tokens (SmolLM2, measured) and system time became most of the generation
-    service's CPU. One arena, no mmap and a high trim threshold keep the pages: 8 refinement prompts
-    x 2 samples x 48 tokens went from 32.5 s to 27.9 s (with the in-place KV cache; mean of 3 runs
-    each) and page faults from about 1.7 million to 155,000. Resident memory stays at its peak
-    instead of following each step, which is what a server wants anyway. Call it before starting
-    threads that allocate. Only for the generation service: in the trainer, whose backward pass
-    allocates ever-different sizes, the one never-trimmed heap fragmented to 14 GB and slowed steps
-    down (measured), so the trainer keeps glibc's defaults.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
-    mallopt(M_ARENA_MAX, 1)
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 class Backend(ABC):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ilf.errors import FailedPrecondition
+from ilf.modeling import cpu_flags
 
 from .kv_cache import KVCache
 
@@ -57,6 +58,17 @@ def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
 
 # The row count oneDNN picks its weight layout for; any count runs, with the same results.
 PACKED_FOR_ROWS = 32
+# oneDNN reorders bf16 weights only with either set (its error otherwise); AVX2-only CPUs keep F.linear for bf16.
+ONEDNN_BF16_FLAG_SETS = ({"avx512bw", "avx512vl", "avx512dq"}, {"avx_ne_convert"})
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether PackedLinear can hold this weight in oneDNN's layout here."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return any(flags <= cpu_flags() for flags in ONEDNN_BF16_FLAG_SETS)
+    return weight.dtype == torch.float32
 
 
 class PackedLinear:
@@ -69,8 +81,7 @@ class PackedLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.bias = bias
-        self.packed = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-                       and torch.backends.mkldnn.is_available())
+        self.packed = packs(weight)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS) if self.packed \
             else weight
 

@@ -22,6 +22,7 @@ from ilf.modeling import LoadedModel, Sample, dtype_name
 from ilf.sampling import Sampling
 
 from . import metrics
+from .allocator import Trimmer
 from .batch import Batch, Row
 from .request import GenerationHandle, TokenEvent
 from .sampler import choose_tokens
@@ -40,9 +41,10 @@ class _Pending:
 class Engine:
     """Runs requests on loaded models with continuous batching; submit() is thread-safe."""
 
-    def __init__(self, *, max_rows: int = 64, max_queue: int = 64):
+    def __init__(self, *, max_rows: int = 64, max_queue: int = 64, trimmer: Trimmer | None = None):
         self.max_rows = max_rows
         self.max_queue = max_queue
+        self.trimmer = trimmer or Trimmer()
         self._pending: deque[_Pending] = deque()
         self._batches: dict[int, Batch] = {}     # id(LoadedModel) -> its batch
         self._wakeup = threading.Condition()
@@ -93,7 +95,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(b.cache.prompt_nbytes() + b.cache.generated_nbytes() for b in list(self._batches.values()))
+        return sum(b.cache.prompt_nbytes + b.cache.generated_nbytes for b in list(self._batches.values()))
 
     def stop(self) -> None:
         with self._wakeup:
@@ -123,15 +125,24 @@ class Engine:
         self._batches.clear()
 
     def _run(self) -> None:
+        worked = False   # since the engine last fell idle
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._stopped and not self._pending and not self._batches:
+                    while not worked and not self._stopped and not self._pending and not self._batches:
                         self._wakeup.wait()
                     if self._stopped:
                         break
+                    idle = not self._pending and not self._batches
+                if worked and idle:
+                    # fell idle: hand the freed pages back (allocator.py), outside the lock so submit() never waits
+                    self.trimmer.maybe_trim(force=True)
+                    worked = False
+                    continue
+                worked = True
                 try:
                     self._schedule_once()
+                    self.trimmer.maybe_trim()
                 except Exception as error:  # noqa: BLE001 - a scheduler bug fails what runs, not the service
                     log.exception("generation scheduler failed")
                     self._fail_running(Unavailable(f"the generation scheduler failed ({type(error).__name__}: "

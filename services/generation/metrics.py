@@ -13,6 +13,8 @@ ENGINE = (
             lambda e: e.kv_cache_bytes),
     Sampled("ilf_generation_scheduler_restarts", "Times a dead decode loop was replaced.",
             lambda e: e.scheduler_restarts, counter=True),
+    Sampled("ilf_generation_heap_trims", "Times the freed heap pages were handed back to the kernel.",
+            lambda e: e.trimmer.trims, counter=True),
 )
 # Read from the ModelManager's describe() when scraped.
 MODELS = (
