@@ -13,6 +13,9 @@ from loop.clients import Clients
 from loop.settings import RoundSettings
 
 LONG_CALL_S = 1800
+# Programs per ExecuteBatch call: the service refuses more than ILF_EXECUTION_MAX_BATCH (default 2,000), and 128
+# tasks x 30 refinements are 3,840 programs (a run lost its 45 minutes of refinements to that refusal, 2026-12-04).
+EXECUTE_BATCH = 500
 
 
 class RoundFailed(RuntimeError):
@@ -43,15 +46,17 @@ def concurrently(call, items: list, workers: int, label: str):
             yield item, future.result()
 
 
-def execute(clients: Clients, programs: dict[str, tuple[str, Task]], timeout_s: float) -> dict[str, bool]:
-    """Runs every program against its task's tests in one streamed batch; returns pass/fail by id."""
+def execute(clients: Clients, programs: dict[str, tuple[str, Task]], timeout_s: float,
+            batch: int = EXECUTE_BATCH) -> dict[str, bool]:
+    """Runs every program against its task's tests in streamed batches of at most `batch`; returns pass/fail by id."""
     requests = [execution_pb2.ExecuteRequest(program=program, test_setup_code=task.test_setup_code,
                                              tests=list(task.tests), timeout_s=timeout_s, request_id=rid)
                 for rid, (program, task) in programs.items()]
     verdicts = {}
-    for finished in clients.execution.ExecuteBatch(execution_pb2.ExecuteBatchRequest(requests=requests),
-                                                   timeout=LONG_CALL_S):
-        verdicts.update((result.request_id, result.passed) for result in finished.results)
+    for start in range(0, len(requests), batch):
+        chunk = execution_pb2.ExecuteBatchRequest(requests=requests[start:start + batch])
+        for finished in clients.execution.ExecuteBatch(chunk, timeout=LONG_CALL_S):
+            verdicts.update((result.request_id, result.passed) for result in finished.results)
     missing = set(programs) - set(verdicts)
     if missing:
         raise RoundFailed(f"the execution service returned no verdict for {len(missing)} programs")

@@ -1,6 +1,7 @@
 """Execution service: verdict logic, input validation and the gRPC surface."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -162,6 +163,26 @@ def test_grpc_batch_streams_every_result(stub):
                for r in finished.results]
     assert sorted(int(r.request_id) for r in replies) == list(range(20))
     assert all(r.passed for r in replies)
+
+
+def test_the_loop_splits_more_programs_than_one_batch_may_hold(executor):
+    from loop.clients import Clients
+    from loop.evaluation import execute
+    from types import SimpleNamespace
+    limited = Executor(dataclasses.replace(executor.settings, max_batch=3, workers=1))
+    server = build_server(0, limited)
+    server.start()
+    try:
+        with channel(f"127.0.0.1:{server.port}") as ch:
+            clients = Clients(None, None, execution_pb2_grpc.ExecutionStub(ch), None, None)
+            task = SimpleNamespace(test_setup_code="", tests=["assert double(2) == 4"])
+            programs = {str(i): (DOUBLE if i % 2 else "def double(x):\n    return x\n", task) for i in range(7)}
+            with pytest.raises(grpc.RpcError, match="at most 3 programs"):   # what one call of 7 meets
+                execute(clients, programs, timeout_s=5, batch=7)
+            assert execute(clients, programs, timeout_s=5, batch=3) == {str(i): bool(i % 2) for i in range(7)}
+    finally:
+        server.stop(0)
+        limited.close()
 
 
 def test_grpc_invalid_argument(stub):
