@@ -166,9 +166,10 @@ def test_grpc_batch_streams_every_result(stub):
 
 
 def test_the_loop_splits_more_programs_than_one_batch_may_hold(executor):
+    from types import SimpleNamespace
+
     from loop.clients import Clients
     from loop.evaluation import execute
-    from types import SimpleNamespace
     limited = Executor(dataclasses.replace(executor.settings, max_batch=3, workers=1))
     server = build_server(0, limited)
     server.start()

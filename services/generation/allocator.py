@@ -6,10 +6,11 @@ per-thread arena that is trimmed again), they page-faulted about 180,000 times p
 1,000 tokens (SmolLM2, measured) and system time became most of the service's CPU. One arena, no mmap
 and a high trim threshold keep the pages: 8 refinement prompts x 2 samples x 48 tokens went from 32.5 s
 to 27.9 s (with the in-place KV cache; mean of 3 runs each) and page faults from about 1.7 million to
-155,000. But such a heap never shrinks, and prefills of ever-different prompt lengths leave free holes
-in it: in process, 16 refinement prompts x 30 samples left 1.5 GB of its 2.7 GB heap free, and one
-malloc_trim (85-100 ms) took the resident memory from 2.96 to 1.47 GiB (measured 2026-12-04). So the
-engine trims at most every TRIM_INTERVAL_S while it runs, and once when it falls idle.
+155,000. But such a heap never shrinks, and buffers of ever-different sizes leave free holes in it (the
+KV cache's, before it kept whole blocks: kv_cache.py): in process, 8 refinement prompts x 30 samples left
+1.53 GiB of its 2.72 GiB heap free while live tensors held 0.25 GiB, and one malloc_trim (85-102 ms) took
+the resident memory from 2.96 to 1.47 GiB (measured 2026-12-04). So the engine trims at most every
+TRIM_INTERVAL_S while it runs, and once when it falls idle.
 Only for the generation service: in the trainer, whose backward pass allocates ever-different sizes,
 the one never-trimmed heap fragmented to 14 GB and slowed steps down (measured), so the trainer keeps
 glibc's defaults.

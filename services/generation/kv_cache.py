@@ -146,9 +146,9 @@ class KVCache:
         """New buffers, whole blocks of at least `rows` rows and `columns` columns, holding the current rows'
         columns from `first` on (the columns before it are used by no row: dropped here)."""
         layers, kv_heads, head_dim = self._shape
-        capacity = max(_blocks(columns, COLUMN_BLOCK), self._values.shape[3])
-        keys = self._values.new_zeros((layers, _blocks(rows, ROW_BLOCK), kv_heads, head_dim, capacity))
-        values = self._values.new_zeros((layers, _blocks(rows, ROW_BLOCK), kv_heads, capacity, head_dim))
+        capacity, rows = max(_blocks(columns, COLUMN_BLOCK), self._values.shape[3]), _blocks(rows, ROW_BLOCK)
+        keys = self._values.new_zeros((layers, rows, kv_heads, head_dim, capacity))
+        values = self._values.new_zeros((layers, rows, kv_heads, capacity, head_dim))
         kept, current = self.length - self.first, self.rows
         keys[:, :current, ..., :kept] = self._keys[:, :current, ..., self.first:self.length]
         values[:, :current, :, :kept] = self._values[:, :current, :, self.first:self.length]
