@@ -141,7 +141,7 @@ def cmd_reproduce(args) -> int:
     """The paper's comparison (and rejection sampling, and further rounds)."""
     from loop.reproduce import reproduce
     return _run_on_services(args, lambda settings, clients, store: reproduce(
-        settings, clients, store, tuple(args.methods), rounds=args.rounds))
+        settings, clients, store, tuple(args.methods), rounds=args.rounds, resume=args.resume))
 
 
 def cmd_refiner_sweep(args) -> int:
@@ -522,6 +522,9 @@ def _add_experiment_parsers(sub) -> None:
     reproduce.add_argument("--rounds", type=int, default=ROUNDS,
                            help="ilf-rounds: ILF rounds after the first, with model-written feedback on the model's "
                                 "own failures through the annotation queue")
+    reproduce.add_argument("--resume", default="", metavar="REPORT_ID",
+                           help="go on with an earlier run (same settings): keep its finished methods, read back "
+                                "refinements and samples it stored before judging them, run the rest")
     reproduce.set_defaults(func=cmd_reproduce)
     sweep = sub.add_parser("refiner-sweep", help="fine-tune pi_Refine once per setting and score each on the "
                                                  "annotated MBPP_Train tasks (never MBPP_Test)")

@@ -1,12 +1,15 @@
 """pass@k of a model version on tasks, through the generation and execution services."""
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from ilf import passk, prompts
+from ilf.store import ArtifactStore
 from ilf.tasksets import Task, TaskSet
 from ilf.v1 import common_pb2, execution_pb2, generation_pb2
 from loop.clients import Clients
@@ -61,6 +64,31 @@ def execute(clients: Clients, programs: dict[str, tuple[str, Task]], timeout_s: 
     if missing:
         raise RoundFailed(f"the execution service returned no verdict for {len(missing)} programs")
     return verdicts
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run keeps the programs it sampled until they are judged. 128 tasks x 30 refinements take 45 minutes
+    on 2 CPU cores, and a failure after them (the execution service down, a refused batch) must not lose them: the
+    next run with the same inputs reads them back instead of sampling again."""
+    store: ArtifactStore
+    key: str
+
+    def sampled(self, inputs: dict, sample: Callable[[], tuple[dict[str, str], str]]) -> tuple[dict[str, str], str]:
+        """sample() -> ({id: program}, the model version that wrote them), or what an earlier call saved under
+        the key for the same inputs (the prompts' contents, the sampling settings and the model version)."""
+        inputs = json.loads(json.dumps(inputs))  # tuples and lists compare equal once both went through JSON
+        if self.store.exists(self.key):
+            saved = self.store.get_json(self.key)
+            if saved["inputs"] == inputs:
+                tqdm.write(f"{len(saved['programs'])} programs sampled earlier, read back from {self.key}")
+                return dict(saved["programs"]), saved["model_version"]
+            tqdm.write(f"{self.key} was sampled from other inputs: sampling again")
+        programs, version = sample()
+        # (id, program) pairs: the store sorts a JSON object's keys, and the order decides which passing one is kept
+        self.store.put_json(self.key, {"inputs": inputs, "model_version": version,
+                                       "programs": list(programs.items())}, overwrite=True)
+        return programs, version
 
 
 def evaluation_tasks(task_set: TaskSet, settings: RoundSettings) -> list[Task]:

@@ -8,7 +8,7 @@ from ilf import datasets, prompts, tasksets
 from ilf.store import ArtifactStore
 from ilf.v1 import common_pb2, feedback_pb2, generation_pb2
 from loop.clients import Clients
-from loop.evaluation import LONG_CALL_S, Prompted, execute, sample_programs
+from loop.evaluation import LONG_CALL_S, Checkpoint, Prompted, execute, sample_programs
 from loop.round import collect_failures, refine_and_filter, train, training_feedback, training_pair
 from loop.settings import RoundSettings
 
@@ -23,17 +23,27 @@ def model_feedback_params(settings: RoundSettings) -> common_pb2.SamplingParams:
 
 
 def rejection_sampling_records(clients: Clients, tasks: list[tasksets.Task], settings: RoundSettings,
-                               model_version: str):
+                               model_version: str, checkpoint: Checkpoint | None = None):
     """The model's own passing programs: settings.refine_samples samples per task at settings.refine_temperature
-    (ILF's refinement budget, on ILF's tasks), one passing sample per task kept as a training pair."""
+    (ILF's refinement budget, on ILF's tasks), one passing sample per task kept as a training pair. With a
+    checkpoint the samples are stored before they are judged, and read back by a later call with the same inputs."""
     requests = [Prompted(str(t.task_id), t, prompts.task_prompt(t), prompts.task_prompt(t), settings.seed + t.task_id)
                 for t in tasks]
-    programs, version = sample_programs(clients, requests, settings.refine_samples, settings.refine_temperature,
-                                        settings.max_new_tokens, settings.concurrency, model_version,
-                                        "sample for rejection sampling")
-    verdicts = execute(clients, programs, settings.timeout_s) if programs else {}
+    budget = (settings.refine_samples, settings.refine_temperature, settings.max_new_tokens)
+
+    def sample() -> tuple[dict[str, str], str]:
+        programs, version = sample_programs(clients, requests, *budget, settings.concurrency, model_version,
+                                            "sample for rejection sampling")
+        return {rid: program for rid, (program, _) in programs.items()}, version
+    inputs = {"model_version": model_version, "budget": [*budget, settings.seed],
+              "prompts": [[r.key, r.prompt] for r in requests]}
+    programs, version = checkpoint.sampled(inputs, sample) if checkpoint else sample()
+    task_of = {r.key: r.task for r in requests}
+    verdicts = execute(clients, {rid: (program, task_of[rid.split(":")[0]]) for rid, program in programs.items()},
+                       settings.timeout_s) if programs else {}
     records = {}
-    for rid, (program, task) in programs.items():
+    for rid, program in programs.items():
+        task = task_of[rid.split(":")[0]]
         if verdicts[rid] and task.task_id not in records:
             records[task.task_id] = training_pair(task, program, "rejection-sample", version)
     return list(records.values()), {"tasks": len(tasks), "samples": len(programs),

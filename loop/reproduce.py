@@ -11,6 +11,7 @@ nothing is chosen on MBPP_Test.
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 import time
 
@@ -18,11 +19,12 @@ import grpc
 from tqdm import tqdm
 
 from ilf import data, passk, tasksets
+from ilf.errors import InvalidArgument, NotFound
 from ilf.registry import Registry
 from ilf.store import ArtifactStore
-from ilf.v1 import feedback_pb2, generation_pb2
+from ilf.v1 import feedback_pb2, generation_pb2, refinement_pb2
 from loop.clients import Clients
-from loop.evaluation import LONG_CALL_S, evaluate, evaluation_tasks
+from loop.evaluation import LONG_CALL_S, Checkpoint, evaluate, evaluation_tasks
 from loop.methods import (FEEDBACK_SHOTS, fine_tune, ilf_round_on_own_failures, model_feedback_params,
                           rejection_sampling_records)
 from loop.report import chart, ks_of, markdown_table as results_table, publish, summary
@@ -89,9 +91,11 @@ def model_feedback_items(clients: Clients, notes: list[data.Annotation], setting
 
 
 def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
-              methods: tuple[str, ...] = METHODS, rounds: int = ROUNDS) -> dict:
+              methods: tuple[str, ...] = METHODS, rounds: int = ROUNDS, resume: str = "") -> dict:
+    """The comparison, written after every method. resume: the id of an earlier run to go on with (same settings
+    and base model): its finished methods are kept, the others run, and refinements or samples it stored before
+    they were judged are read back rather than sampled again."""
     started = time.monotonic()
-    tag = f"reproduce-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
     # The paper's comparison: MBPP, and for ILF the paper's annotations of CodeGen's programs.
     settings = dataclasses.replace(settings, task_set=tasksets.MBPP, feedback="paper", feedback_authors="human")
     mbpp = tasksets.mbpp()
@@ -100,16 +104,29 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
     base, serving = comparison_base(clients, store)
     requested = [m for m in methods if m != "ilf-rounds"] + (
         [f"ilf-round-{2 + r}" for r in range(rounds)] if "ilf-rounds" in methods else [])
-    report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base, "serving_version": serving,
-              "eval_task_ids": [t.task_id for t in tasks], "methods_requested": requested, "methods": {}}
-    refiner, trained = None, {}
+    if resume:
+        report = resumed_report(store, resume, settings, base)
+        report.update(serving_version=serving, complete=False, methods_requested=list(dict.fromkeys(
+            report["methods_requested"] + requested)))
+        started -= report["wall_seconds"]  # the wall time of every run that wrote the report
+    else:
+        tag = f"reproduce-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+        report = {"id": tag, "settings": dataclasses.asdict(settings), "base_model_version": base,
+                  "serving_version": serving, "eval_task_ids": [t.task_id for t in tasks],
+                  "methods_requested": requested, "methods": {}}
+    tag, rows = report["id"], report["methods"]
+    trained = {method: row["model_version"] for method, row in rows.items() if "run_id" in row}
     prefix = f"reports/{tag}"
     for method in tqdm(methods, desc="methods", unit="method"):
         if method == "ilf-rounds":
             _rounds(report, settings, clients, store, tasks, tuple(n.task_id for n in notes), trained.get("ilf", base),
                     rounds, prefix, started)
             continue
+        if method in rows:
+            tqdm.write(f"{method}: finished by an earlier run of {tag}, kept")
+            continue
         row: dict = {}
+        checkpoint = Checkpoint(store, f"{prefix}/{method}-samples.json")
         if base != serving:  # loaded again (cheap when still loaded): the service may have unloaded it for candidates
             clients.generation.LoadModel(generation_pb2.LoadModelRequest(model_version=base), timeout=LONG_CALL_S)
         if method == "zero-shot":
@@ -119,16 +136,21 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
                 records, row["data"] = baseline_records(dataclasses.replace(settings, train_on=method), clients, mbpp)
             elif method == "rejection-sampling":
                 records, row["data"] = rejection_sampling_records(clients, [mbpp.task(n.task_id) for n in notes],
-                                                                  settings, base)
+                                                                  settings, base, checkpoint)
             else:
-                refiner = report["refiner"] = refiner or train_refiner(clients, store, settings, tag)
+                if "refiner" not in report:
+                    report["refiner"] = train_refiner(clients, store, settings, tag)
+                    _publish(report, store, prefix, started)  # a resumed run serves it again instead of training one
+                else:
+                    serve_refiner(clients, report["refiner"]["model_version"])
                 items, silent = (training_feedback(clients, store, settings, base)[0], 0) if method == "ilf" \
                     else model_feedback_items(clients, notes, settings, base)
-                records, row["data"] = refine_and_filter(clients, mbpp, items, settings) if items else ([], {})
+                records, row["data"] = refine_and_filter(clients, mbpp, items, settings, checkpoint) if items \
+                    else ([], {})
                 row["data"].update(tasks=len(notes), no_feedback_written=silent)
             if not records:
                 row["outcome"] = "no training example passed the tests: nothing to fine-tune"
-                report["methods"][method] = row
+                rows[method] = row
                 _publish(report, store, prefix, started)
                 continue
             row["dataset"], run = fine_tune(clients, store, records, f"{tag}-{method}", base, settings)
@@ -136,21 +158,53 @@ def reproduce(settings: RoundSettings, clients: Clients, store: ArtifactStore,
             evaluation = evaluate(clients, tasks, settings, run.output_model_version, label=f"evaluate {method}")
             row.update(run_id=run.run_id, final_loss=run.progress.loss)
         row.update(evaluated(evaluation))
-        report["methods"][method] = row
+        rows[method] = row
         _publish(report, store, prefix, started)
     report["complete"] = True
     _publish(report, store, prefix, started)
     return report
 
 
+def resumed_report(store: ArtifactStore, report_id: str, settings: RoundSettings, base: str) -> dict:
+    """The report of an earlier run, refused unless it was measured with these settings from this base model: its
+    rows are compared with the new ones, so they must share seeds, tasks and budgets."""
+    key = f"reports/{report_id}/results.json"
+    if not store.exists(key):
+        raise NotFound(f"no report {report_id} to resume in {store.url} (`ilf reports` lists them)")
+    report = store.get_json(key)
+    differing = sorted(name for name, value in json.loads(json.dumps(dataclasses.asdict(settings))).items()
+                       if report["settings"].get(name) != value)
+    if differing:
+        raise InvalidArgument(f"report {report_id} was run with other settings, so its rows would not compare: "
+                              + ", ".join(f"{n} {report['settings'].get(n)!r} there, {getattr(settings, n)!r} now"
+                                          for n in differing))
+    if report["base_model_version"] != base:
+        raise InvalidArgument(f"report {report_id} started from {report['base_model_version']}, "
+                              f"the generation service's base model is {base}")
+    return report
+
+
+def serve_refiner(clients: Clients, version: str) -> None:
+    """Makes the refinement service serve the report's pi_Refine: a resumed run may find it serving another."""
+    status = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60)
+    if status.serving_version != version:
+        clients.refinement.SwitchModel(refinement_pb2.RefinementSwitchRequest(model_version=version),
+                                       timeout=LONG_CALL_S)
+
+
 def _rounds(report: dict, settings: RoundSettings, clients: Clients, store: ArtifactStore, tasks: list,
             train_task_ids: tuple[int, ...], start: str, rounds: int, prefix: str, started: float) -> None:
     """Rounds 2, 3, ... from ILF's model (the base model when ILF trained nothing), each evaluated like every
     method and collecting the model's failures on the comparison's train tasks (the annotated ones every other
-    method trains on); they stop at the first round that has nothing to train on."""
+    method trains on); they stop at the first round that has nothing to train on. Rounds a resumed report finished
+    are kept, and the next one starts from the last one's model."""
     model = start
     for number in range(2, 2 + rounds):
         method = f"ilf-round-{number}"
+        if method in report["methods"]:
+            row = report["methods"][method]
+            model = row["model_version"] if "run_id" in row else ""
+            continue
         if not model:
             report["methods"][method] = {"outcome": "not run: the previous round trained nothing"}
             continue

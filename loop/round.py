@@ -22,8 +22,8 @@ from ilf.registry import Registry
 from ilf.store import ArtifactStore
 from ilf.v1 import common_pb2, feedback_pb2, generation_pb2, refinement_pb2, training_pb2
 from loop.clients import Clients
-from loop.evaluation import (LONG_CALL_S, Evaluation, RoundFailed, concurrently, evaluate, evaluation_tasks, execute,
-                             sampling_params)
+from loop.evaluation import (LONG_CALL_S, Checkpoint, Evaluation, RoundFailed, concurrently, evaluate,
+                             evaluation_tasks, execute, sampling_params)
 from loop.report import chart, ks_of, markdown_table, summary
 from loop.settings import RoundSettings
 
@@ -102,32 +102,45 @@ class Refinement:
 
 
 def refine_and_execute(clients: Clients, task_set: tasksets.TaskSet, items: list[FeedbackItem],
-                       settings: RoundSettings) -> tuple[list[Refinement], str]:
+                       settings: RoundSettings, checkpoint: Checkpoint | None = None) -> tuple[list[Refinement], str]:
     """settings.refine_samples refinements of each failing program given its feedback, from the refinement
-    service's pi_Refine, each with its verdict; and pi_Refine's version."""
-    refined, refine_version = [], ""
+    service's pi_Refine, each with its verdict; and pi_Refine's version. With a checkpoint the refinements are
+    stored before they are judged, and read back by a later call with the same items, settings and pi_Refine."""
+    budget = (settings.refine_samples, settings.refine_temperature, settings.max_new_tokens * 2)
 
     def refine(item):
         return clients.refinement.Refine(refinement_pb2.RefineRequest(
             task=common_pb2.Task(task_id=item.task_id, task_set=task_set.name), failing_program=item.program,
-            feedback=item.feedback, params=sampling_params(settings.refine_samples, settings.refine_temperature,
-                                                           settings.max_new_tokens * 2, settings.seed + item.task_id)),
+            feedback=item.feedback, params=sampling_params(*budget, settings.seed + item.task_id)),
             timeout=LONG_CALL_S)
-    for item, reply in concurrently(refine, items, settings.concurrency, "refine"):
-        refine_version = reply.model_version
-        refined += [(item, refinement.program) for refinement in reply.refinements]
-    programs = {str(i): (program, task_set.task(item.task_id)) for i, (item, program) in enumerate(refined)}
-    verdicts = execute(clients, programs, settings.timeout_s) if programs else {}
-    return [Refinement(item, program, verdicts[str(i)]) for i, (item, program) in enumerate(refined)], refine_version
+
+    def sample() -> tuple[dict[str, str], str]:
+        programs, version = {}, ""
+        for index, (_, reply) in enumerate(concurrently(refine, items, settings.concurrency, "refine")):
+            version = reply.model_version
+            programs.update((f"{index}:{j}", r.program) for j, r in enumerate(reply.refinements))
+        return programs, version
+    if checkpoint:
+        refiner = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60)
+        inputs = {"refiner": refiner.serving_version, "task_set": task_set.name,
+                  "budget": [*budget, settings.seed],
+                  "items": [[i.task_id, i.program, i.feedback] for i in items]}
+        programs, refine_version = checkpoint.sampled(inputs, sample)
+    else:
+        programs, refine_version = sample()
+    owner = {rid: items[int(rid.split(":")[0])] for rid in programs}
+    verdicts = execute(clients, {rid: (program, task_set.task(owner[rid].task_id)) for rid, program in programs.items()},
+                       settings.timeout_s) if programs else {}
+    return [Refinement(owner[rid], program, verdicts[rid]) for rid, program in programs.items()], refine_version
 
 
 def refine_and_filter(clients: Clients, task_set: tasksets.TaskSet, items: list[FeedbackItem],
-                      settings: RoundSettings):
+                      settings: RoundSettings, checkpoint: Checkpoint | None = None):
     """Asks pi_Refine for refinements of each failing program given its feedback; keeps passing ones.
 
     Returns (one passing refinement per feedback record as training records, statistics).
     """
-    refinements, refine_version = refine_and_execute(clients, task_set, items, settings)
+    refinements, refine_version = refine_and_execute(clients, task_set, items, settings, checkpoint)
     records, passing_per_task = {}, {}
     for r in refinements:
         passing_per_task[r.item.task_id] = passing_per_task.get(r.item.task_id, 0) + r.passed
