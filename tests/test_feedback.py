@@ -18,7 +18,7 @@ from ilf.v1 import execution_pb2, feedback_pb2, feedback_pb2_grpc
 from services.feedback import server as feedback_server
 from services.feedback.checks import failure_of
 from services.feedback.records import FeedbackStore, Filter, new_record
-from services.feedback.writer import feedback_prompt, results_report
+from services.feedback.writer import MAX_REPORTED_CHARS, feedback_prompt, results_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_SPLITS = {"prompt": 2, "test": 21, "refine": 44, "train": 128}
@@ -291,3 +291,20 @@ def test_exported_records_are_the_stored_records(feedback, store_url):
     export = feedback.ExportDataset(feedback_pb2.ExportDatasetRequest(), timeout=10)
     stored = json.loads(open_store(store_url).get(f"feedback/records/{record.record_id}.json"))
     assert export.records == 1 and read_dataset(open_store(store_url), export.key) == [stored]
+
+
+def test_long_test_values_are_clipped_so_the_feedback_prompt_fits_a_small_model():
+    # MBPP 493's asserts and values are kilobytes of float pairs: unclipped, its 2-shot prompt was 8,077 tokens.
+    task = data.task(493)
+    value = repr([[(float(i), float(-i))] * 6 for i in range(200)])
+    result = execution_pb2.ExecuteResponse(passed=False, tests=[
+        execution_pb2.TestResult(index=i, verdict=execution_pb2.VERDICT_FAILED, error_type="AssertionError",
+                                 actual=value, expected=value) for i in range(len(task.tests))])
+    report = results_report(task, result)
+    assert max(len(test) for test in task.tests) > MAX_REPORTED_CHARS
+    for line, test in zip(report.splitlines(), task.tests, strict=True):
+        assert line.startswith(test.strip()[:MAX_REPORTED_CHARS] + " ...  # FAILED (AssertionError) got ")
+        assert len(line) < 3 * (MAX_REPORTED_CHARS + 100)
+    long_load_error = execution_pb2.ExecuteResponse(error_type="SyntaxError", error_message="x" * 5000)
+    assert len(results_report(task, long_load_error)) == MAX_REPORTED_CHARS + len(" ...")
+    assert len(feedback_prompt(task, "def f():\n" + "    pass\n" * 1000, result, shots=2)) < 12_000

@@ -12,6 +12,9 @@ GENERATION_CALL_S = 600.0
 DEFAULT_MAX_NEW_TOKENS = 256
 # About the paper's 512-token cap on old code, so task, examples and program fit a small model's context.
 MAX_PROMPT_PROGRAM_CHARS = 2000
+# A test's assert, and what it got and expected, can be kilobytes of repr (MBPP 493's lists of float pairs made
+# an 8,077-token prompt); the start says enough to write feedback from.
+MAX_REPORTED_CHARS = 300
 INSTRUCTION = "Explain briefly what is wrong with the old code and how to fix it."
 # A new section header means the model has finished its feedback and started another example.
 STOP_SEQUENCES = ["\nTASK:", "\nOLD CODE:", "\nTEST RESULTS:", "\nFEEDBACK:", prompts.END_OF_TEXT]
@@ -21,10 +24,14 @@ def _section(task_text: str, program: str) -> str:
     return f"TASK:\n{task_text.strip()}\n\nOLD CODE:\n{program.strip()[:MAX_PROMPT_PROGRAM_CHARS]}\n\n"
 
 
+def _clipped(text: str) -> str:
+    return text if len(text) <= MAX_REPORTED_CHARS else text[:MAX_REPORTED_CHARS] + " ..."
+
+
 def results_report(task: Task, result: execution_pb2.ExecuteResponse) -> str:
-    """One line per test: the assert and its verdict (or why the program did not load)."""
+    """One line per test: the assert and its verdict (or why the program did not load), long values clipped."""
     if result.error_type:
-        return f"The program did not load: {result.error_type}: {result.error_message}".strip()
+        return _clipped(f"The program did not load: {result.error_type}: {result.error_message}".strip())
     verdicts = {t.index: t for t in result.tests}
     lines = []
     for index, test in enumerate(task.tests):
@@ -32,8 +39,9 @@ def results_report(task: Task, result: execution_pb2.ExecuteResponse) -> str:
         verdict = execution_pb2.Verdict.Name(outcome.verdict).removeprefix("VERDICT_") if outcome else "NOT RUN"
         detail = f" ({outcome.error_type})" if outcome and outcome.error_type else ""
         if outcome and outcome.actual:
-            detail += f" got {outcome.actual}" + (f", expected {outcome.expected}" if outcome.expected else "")
-        lines.append(f"{test.strip()}  # {verdict}{detail}")
+            detail += f" got {_clipped(outcome.actual)}" + (
+                f", expected {_clipped(outcome.expected)}" if outcome.expected else "")
+        lines.append(f"{_clipped(test.strip())}  # {verdict}{detail}")
     return "\n".join(lines)
 
 
