@@ -39,11 +39,12 @@ def rejection_sampling_records(clients: Clients, tasks: list[tasksets.Task], set
               "prompts": [[r.key, r.prompt] for r in requests]}
     programs, version = checkpoint.sampled(inputs, sample) if checkpoint else sample()
     task_of = {r.key: r.task for r in requests}
-    verdicts = execute(clients, {rid: (program, task_of[rid.split(":")[0]]) for rid, program in programs.items()},
+    owner = {rid: task_of[rid.split(":")[0]] for rid in programs}  # sample ids are "<request key>:<sample>"
+    verdicts = execute(clients, {rid: (program, owner[rid]) for rid, program in programs.items()},
                        settings.timeout_s) if programs else {}
     records = {}
     for rid, program in programs.items():
-        task = task_of[rid.split(":")[0]]
+        task = owner[rid]
         if verdicts[rid] and task.task_id not in records:
             records[task.task_id] = training_pair(task, program, "rejection-sample", version)
     return list(records.values()), {"tasks": len(tasks), "samples": len(programs),

@@ -27,7 +27,8 @@ from loop.clients import Clients
 from loop.evaluation import (LONG_CALL_S, Evaluation, Prompted, execute, per_task_results, sample_programs,
                              scored)
 from loop.report import chart, markdown_table, publish, summary
-from loop.round import FeedbackItem, refine_and_execute, refiner_records, train_refiner, training_feedback
+from loop.round import (FeedbackItem, refine_and_execute, refiner_records, serving_refiner, train_refiner,
+                        training_feedback)
 from loop.settings import RoundSettings
 
 REFINER_TRIPLES = 44  # the paper's MBPP_Refine annotations pi_Refine is trained on
@@ -100,7 +101,7 @@ def refiner_sweep(settings: RoundSettings, clients: Clients, store: ArtifactStor
     started = time.monotonic()
     tag = f"refiner-sweep-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
     items = paper_feedback(clients, store, settings)
-    serving = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60).serving_version
+    serving = serving_refiner(clients)
     base = Registry(store).chain(serving)[-1].version
     report = {"id": tag, "kind": "refiner-sweep", "settings": dataclasses.asdict(settings), "base_model_version": base,
               "task_ids": [i.task_id for i in items], "rows_requested": len(configs) + include_base, "rows": {}}

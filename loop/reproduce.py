@@ -28,7 +28,8 @@ from loop.evaluation import LONG_CALL_S, Checkpoint, evaluate, evaluation_tasks
 from loop.methods import (FEEDBACK_SHOTS, fine_tune, ilf_round_on_own_failures, model_feedback_params,
                           rejection_sampling_records)
 from loop.report import chart, ks_of, markdown_table as results_table, publish, summary
-from loop.round import FeedbackItem, baseline_records, refine_and_filter, train_refiner, training_feedback
+from loop.round import (FeedbackItem, baseline_records, refine_and_filter, serving_refiner, train_refiner,
+                        training_feedback)
 from loop.settings import RoundSettings
 
 METHODS = ("zero-shot", "gold", "human", "ilf", "ilf-model-feedback", "rejection-sampling", "ilf-rounds")
@@ -186,8 +187,7 @@ def resumed_report(store: ArtifactStore, report_id: str, settings: RoundSettings
 
 def serve_refiner(clients: Clients, version: str) -> None:
     """Makes the refinement service serve the report's pi_Refine: a resumed run may find it serving another."""
-    status = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60)
-    if status.serving_version != version:
+    if serving_refiner(clients) != version:
         clients.refinement.SwitchModel(refinement_pb2.RefinementSwitchRequest(model_version=version),
                                        timeout=LONG_CALL_S)
 

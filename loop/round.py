@@ -121,8 +121,7 @@ def refine_and_execute(clients: Clients, task_set: tasksets.TaskSet, items: list
             programs.update((f"{index}:{j}", r.program) for j, r in enumerate(reply.refinements))
         return programs, version
     if checkpoint:
-        refiner = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60)
-        inputs = {"refiner": refiner.serving_version, "task_set": task_set.name,
+        inputs = {"refiner": serving_refiner(clients), "task_set": task_set.name,
                   "budget": [*budget, settings.seed],
                   "items": [[i.task_id, i.program, i.feedback] for i in items]}
         programs, refine_version = checkpoint.sampled(inputs, sample)
@@ -278,10 +277,15 @@ def _follow_run(clients: Clients, run: training_pb2.Run, bar: tqdm, reconnect_s:
     return run
 
 
+def serving_refiner(clients: Clients) -> str:
+    """The version of pi_Refine the refinement service serves."""
+    return clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60).serving_version
+
+
 def train_refiner(clients: Clients, store: ArtifactStore, settings: RoundSettings, tag: str) -> dict:
     """Fine-tunes pi_Refine on the MBPP_Refine triples and makes the refinement service serve it. It is trained
     from its base model (not from the previous round's pi_Refine) unless settings.stack_refiner."""
-    serving = clients.refinement.GetModelStatus(refinement_pb2.RefinementStatusRequest(), timeout=60).serving_version
+    serving = serving_refiner(clients)
     base = serving if settings.stack_refiner else Registry(store).chain(serving)[-1].version
     records = refiner_records(data.annotations("refine"))
     dataset = datasets.put_dataset(store, records, name=f"{tag}-refiner")
